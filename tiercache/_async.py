@@ -1,0 +1,128 @@
+"""The async I/O driver: runs flows with ``redis.asyncio`` connections and asyncio futures.
+
+redis.asyncio connections belong to the event loop that opened them, so pools are kept per
+running loop (weakly, so a finished ``asyncio.run`` takes its pool with it): one cache
+works across successive event loops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import redis
+import redis.asyncio
+from redis.exceptions import NoScriptError
+
+from ._flight import Flight
+from ._flow import CALL, Flow, Wait
+from ._remote import RedisOp, RemoteFailure
+
+__all__ = ["AsyncRedis", "drive"]
+
+
+class AsyncRedis:
+    """Executes RedisOps on a ``redis.asyncio`` pool of the running event loop."""
+
+    __slots__ = ("_fixed", "_make_pool", "_pools")
+
+    def __init__(
+        self,
+        make_pool: Callable[[], redis.asyncio.ConnectionPool] | None = None,
+        pool: redis.asyncio.ConnectionPool | None = None,
+    ) -> None:
+        self._make_pool = make_pool
+        self._fixed = pool
+        self._pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, redis.asyncio.ConnectionPool] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def _pool(self) -> redis.asyncio.ConnectionPool:
+        if self._fixed is not None:
+            return self._fixed
+        loop = asyncio.get_running_loop()
+        pool = self._pools.get(loop)
+        if pool is None:
+            assert self._make_pool is not None
+            pool = self._pools[loop] = self._make_pool()
+        return pool
+
+    async def execute(self, op: RedisOp) -> Any:
+        pool = self._pool()
+        try:
+            conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        except (redis.RedisError, OSError) as exc:
+            raise RemoteFailure() from exc
+        try:
+            try:
+                await conn.send_command(*op.args)
+                reply = await conn.read_response()
+            except NoScriptError:
+                await conn.send_command(*op.fallback_args())
+                reply = await conn.read_response()
+        except BaseException as exc:
+            # Cancelled or failed mid-command: a reply may still arrive, so drop the socket
+            # without awaiting (we may be cancelled again while awaiting).
+            await _quietly(conn.disconnect(nowait=True))
+            await pool.release(conn)
+            if isinstance(exc, (redis.RedisError, OSError)):
+                raise RemoteFailure() from exc
+            raise
+        await pool.release(conn)
+        return reply if op.parse is None else op.parse(reply)
+
+    async def aclose(self) -> None:
+        """Disconnect the pool of the running loop; pools of other (finished) loops are dropped."""
+        pool = self._fixed if self._fixed is not None else self._pools.get(asyncio.get_running_loop())
+        self._pools.clear()
+        if pool is not None:
+            await pool.disconnect()
+
+
+async def _quietly(awaitable: Awaitable[Any]) -> None:
+    try:
+        await awaitable
+    except Exception:  # noqa: BLE001, S110 - best effort on a connection we are discarding
+        pass
+
+
+async def wait(flight: Flight) -> None:
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def wake() -> None:
+        try:
+            loop.call_soon_threadsafe(_resolve, done)
+        except RuntimeError:  # that loop has closed: nobody is waiting there any more
+            pass
+
+    if flight.add_waiter(wake):
+        await done
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+async def drive(flow: Flow, remote: AsyncRedis | None, call: Callable[[], Awaitable[Any]] | None) -> Any:
+    """Run ``flow`` to its end, awaiting each step it yields, and return what it returns."""
+    reply: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            step = flow.throw(error) if error is not None else flow.send(reply)
+        except StopIteration as stop:
+            return stop.value
+        error = reply = None
+        try:
+            if step is CALL:
+                reply = await call()  # type: ignore[misc]
+            elif type(step) is Wait:
+                await wait(step.flight)
+            else:
+                reply = await remote.execute(step)  # type: ignore[union-attr]
+        except BaseException as exc:  # noqa: BLE001 - thrown into the flow, which decides
+            error = exc

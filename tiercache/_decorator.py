@@ -1,0 +1,279 @@
+"""``@tiered``: read-through caching of sync and async functions and methods.
+
+How ``self`` enters the key: a function defined in a class body whose first parameter is
+named ``self`` is a method, and ``self`` is left out of the key — every instance shares the
+entries — unless the instance's class defines ``__tiercache_key__(self)``, whose result is
+then part of the key. ``cls`` of a classmethod is part of the key (as the class's
+qualified name), as is every other argument.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import typing
+from collections.abc import Callable, Coroutine
+from typing import Any, Generic, ParamSpec, TypeVar, overload
+
+from . import _async, _sync
+from ._cache import TieredCache, _positive
+from ._keys import KeyMaker, canonical_bytes, digest, function_prefix, user_key
+from ._types import MISSING
+from .errors import ConfigError
+
+__all__ = ["AsyncTieredFunction", "TieredFunction", "tiered"]
+
+P = ParamSpec("P")
+_KeyFn = Callable[[tuple[Any, ...], dict[str, Any]], str]
+R = TypeVar("R")
+
+
+class _Tiered:
+    """What sync and async decorated functions share: configuration, keys, method binding."""
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        cache: TieredCache,
+        ttl: float | None,
+        l1_ttl: float | None,
+        key: Callable[..., Any] | None,
+        name: str | None,
+    ) -> None:
+        self._is_method = _defined_in_class(fn) and _first_param(fn) == "self"
+        self._fn = fn
+        self._cache = cache
+        self._core = cache._core
+        self._local = cache._core.local
+        self._counters = cache._core.counters
+        self._ttl = ttl
+        self._l1_ttl = l1_ttl
+        prefix = function_prefix(cache.namespace, name or f"{fn.__module__}.{fn.__qualname__}")
+        self._keyfn: _KeyFn
+        if key is None:
+            self._keyfn = KeyMaker(fn, prefix, skip_first=self._is_method)
+        else:
+            self._keyfn = _custom_key(key, cache.namespace, prefix)
+        self._hints_pending = True
+        self._register_return_types()
+        functools.update_wrapper(self, fn)  # type: ignore[arg-type]
+
+    def key(self, *args: Any, **kwargs: Any) -> str:
+        """The Redis key this call uses."""
+        return self._keyfn(args, kwargs)
+
+    def _register_return_types(self) -> None:
+        # Lets the default serializer decode the dataclasses/pydantic models/enums this
+        # function returns; retried on a miss when the annotation names a class defined later.
+        register = getattr(self._cache.serializer, "register_annotation", None)
+        if register is None:
+            self._hints_pending = False
+            return
+        try:
+            hints = typing.get_type_hints(self._fn)
+        except Exception:  # noqa: BLE001 - a forward reference not defined yet
+            return
+        self._hints_pending = False
+        if "return" in hints:
+            register(hints["return"])
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._is_method = _first_param(self._fn) == "self" and owner.__dict__.get(name) is self
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        if instance is None or not self._is_method:
+            return self
+        return _Bound(self, instance)
+
+    def __repr__(self) -> str:
+        return f"<tiered {self._fn.__module__}.{self._fn.__qualname__}>"
+
+
+class TieredFunction(_Tiered, Generic[P, R]):
+    """A cached sync function. Call it as the function; it also has helpers.
+
+    Example:
+        >>> cache = TieredCache(namespace="docs")
+        >>> @tiered(cache, ttl=60)
+        ... def square(x: int) -> int:
+        ...     return x * x
+        >>> square(4), square(4), square.__wrapped__(5)
+        (16, 16, 25)
+        >>> square.invalidate(4)
+        >>> square.key(4) == square.key(x=4)
+        True
+    """
+
+    __wrapped__: Callable[P, R]
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        key = self._keyfn(args, kwargs)
+        value = self._local.get(key)  # the L1 hit: no I/O, no generator
+        if value is not MISSING:
+            self._counters.l1_hits += 1
+            return value  # type: ignore[no-any-return]
+        if self._hints_pending:
+            self._register_return_types()
+        return _sync.drive(
+            self._core.read_through(key, self._ttl, self._l1_ttl, True),  # type: ignore[no-any-return]
+            self._cache._sync,
+            functools.partial(self._fn, *args, **kwargs),
+        )
+
+    def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> None:
+        """Drop this call's entry from Redis and from the L1 of every process."""
+        _sync.drive(self._core.delete([self._keyfn(args, kwargs)]), self._cache._sync, None)
+
+    def refresh(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Call the function now, store the result in both tiers (telling every process), return it."""
+        key = self._keyfn(args, kwargs)
+        return _sync.drive(
+            self._core.refresh(key, self._ttl, self._l1_ttl),
+            self._cache._sync,  # type: ignore[no-any-return]
+            functools.partial(self._fn, *args, **kwargs),
+        )
+
+
+class AsyncTieredFunction(_Tiered, Generic[P, R]):
+    """A cached ``async def`` function: ``await f(...)``, ``await f.invalidate(...)``,
+    ``await f.refresh(...)``; ``f.key(...)`` is plain."""
+
+    __wrapped__: Callable[P, Coroutine[Any, Any, R]]
+
+    async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        key = self._keyfn(args, kwargs)
+        value = self._local.get(key)  # the L1 hit: no I/O, no generator, no await
+        if value is not MISSING:
+            self._counters.l1_hits += 1
+            return value  # type: ignore[no-any-return]
+        if self._hints_pending:
+            self._register_return_types()
+        return await _async.drive(
+            self._core.read_through(key, self._ttl, self._l1_ttl, True),  # type: ignore[no-any-return]
+            self._cache._async,
+            functools.partial(self._fn, *args, **kwargs),
+        )
+
+    async def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> None:
+        """Drop this call's entry from Redis and from the L1 of every process."""
+        await _async.drive(self._core.delete([self._keyfn(args, kwargs)]), self._cache._async, None)
+
+    async def refresh(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Call the function now, store the result in both tiers (telling every process), return it."""
+        key = self._keyfn(args, kwargs)
+        return await _async.drive(
+            self._core.refresh(key, self._ttl, self._l1_ttl),  # type: ignore[no-any-return]
+            self._cache._async,
+            functools.partial(self._fn, *args, **kwargs),
+        )
+
+
+class _Bound:
+    """A decorated method bound to an instance: every helper gets the instance first."""
+
+    __slots__ = ("__func__", "__self__")
+
+    def __init__(self, func: _Tiered, instance: Any) -> None:
+        self.__func__ = func
+        self.__self__ = instance
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.__func__(self.__self__, *args, **kwargs)  # type: ignore[operator]
+
+    def invalidate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.__func__.invalidate(self.__self__, *args, **kwargs)  # type: ignore[attr-defined]
+
+    def refresh(self, *args: Any, **kwargs: Any) -> Any:
+        return self.__func__.refresh(self.__self__, *args, **kwargs)  # type: ignore[attr-defined]
+
+    def key(self, *args: Any, **kwargs: Any) -> str:
+        return self.__func__.key(self.__self__, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__func__, name)
+
+
+class _Decorator:
+    __slots__ = ("_cache", "_key", "_l1_ttl", "_name", "_ttl")
+
+    def __init__(
+        self,
+        cache: TieredCache,
+        ttl: float | None,
+        l1_ttl: float | None,
+        key: Callable[..., Any] | None,
+        name: str | None,
+    ) -> None:
+        self._cache, self._ttl, self._l1_ttl, self._key, self._name = cache, ttl, l1_ttl, key, name
+
+    @overload
+    def __call__(self, fn: Callable[P, Coroutine[Any, Any, R]]) -> AsyncTieredFunction[P, R]: ...  # type: ignore[overload-overlap]
+
+    @overload
+    def __call__(self, fn: Callable[P, R]) -> TieredFunction[P, R]: ...
+
+    def __call__(self, fn: Callable[..., Any]) -> Any:
+        wrapper: type[_Tiered]
+        if isinstance(fn, (staticmethod, classmethod)):
+            inner = tiered(self._cache, ttl=self._ttl, l1_ttl=self._l1_ttl, key=self._key, name=self._name)(fn.__func__)
+            inner._is_method = False
+            return type(fn)(inner)
+        if not callable(fn):
+            raise ConfigError(f"@tiered needs a function, got {fn!r}")
+        wrapper = AsyncTieredFunction if inspect.iscoroutinefunction(fn) else TieredFunction
+        return wrapper(fn, self._cache, self._ttl, self._l1_ttl, self._key, self._name)
+
+
+def tiered(
+    cache: TieredCache,
+    *,
+    ttl: float | None = None,
+    l1_ttl: float | None = None,
+    key: Callable[..., Any] | None = None,
+    name: str | None = None,
+) -> _Decorator:
+    """Cache a function's results in ``cache``'s L1 and Redis.
+
+    Args:
+        cache: the :class:`TieredCache` to use.
+        ttl: seconds in Redis for this function's entries (default: the cache's ``ttl``).
+        l1_ttl: at most this many seconds in L1 (default: the cache's ``l1_ttl``).
+        key: a function with the decorated function's signature returning the key: a str
+            is used as a user key (the same one ``cache.get``/``cache.set`` take), anything
+            else is encoded canonically and digested.
+        name: replaces ``module.qualname`` in the key, so keys survive moving the function.
+
+    Returns:
+        A decorator turning a function into a :class:`TieredFunction` or, for ``async def``,
+        an :class:`AsyncTieredFunction`.
+    """
+    if not isinstance(cache, TieredCache):
+        raise ConfigError(f"tiered(cache=...) needs a TieredCache, got {cache!r}")
+    _positive("ttl", ttl, optional=True)
+    _positive("l1_ttl", l1_ttl, allow_zero=True, optional=True)
+    if key is not None and not callable(key):
+        raise ConfigError(f"key={key!r} must be a function with the decorated function's signature")
+    return _Decorator(cache, ttl, l1_ttl, key, name)
+
+
+def _defined_in_class(fn: Callable[..., Any]) -> bool:
+    parts = getattr(fn, "__qualname__", "").split(".")
+    return len(parts) > 1 and parts[-2] != "<locals>"
+
+
+def _first_param(fn: Callable[..., Any]) -> str | None:
+    try:
+        params = list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return None
+    return params[0] if params else None
+
+
+def _custom_key(key: Callable[..., Any], namespace: str, prefix: str) -> _KeyFn:
+    def derive(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        k = key(*args, **kwargs)
+        if isinstance(k, str):
+            return user_key(namespace, k)
+        return prefix + "{" + digest(canonical_bytes(k, "key()")) + "}"
+
+    return derive

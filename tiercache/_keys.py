@@ -1,0 +1,281 @@
+"""Stable cache keys: a canonical, type-tagged encoding of call arguments and its xxh3-128 digest.
+
+The same call must give the same Redis key in every process and every Python run, so nothing
+here uses ``hash()`` (salted per process) or ``repr()`` of arbitrary objects. Every value is
+written with a type tag and a length or terminator, so ``1``, ``"1"``, ``1.0``, ``True``,
+``(1,)`` and ``[1]`` all encode differently, and no two distinct argument lists share bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import decimal
+import enum
+import inspect
+import re
+import struct
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import xxhash
+
+from .errors import ConfigError, KeyEncodingError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "KeyMaker",
+    "canonical_bytes",
+    "digest",
+    "function_prefix",
+    "user_key",
+    "validate_namespace",
+]
+
+#: Bumped whenever the encoding below changes, so old entries are never misread as new keys.
+FORMAT_VERSION = "v1"
+
+_NAMESPACE_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}(:[A-Za-z0-9_.\-]{1,64})*")
+
+# Top-level argument types whose equality implies equal canonical bytes *given the type*.
+# Only calls whose arguments are all of these exact types are memoised (see KeyMaker).
+_MEMO_SAFE = frozenset({str, int, float, bytes, bool, type(None)})
+_MEMO_LIMIT = 4096
+
+
+def validate_namespace(namespace: str) -> str:
+    if not isinstance(namespace, str) or not _NAMESPACE_RE.fullmatch(namespace):
+        raise ConfigError(
+            f"namespace={namespace!r} is invalid: use 1-64 characters from "
+            "[A-Za-z0-9_.-] (segments may be joined by ':'), e.g. namespace='myapp'"
+        )
+    return namespace
+
+
+def _qualified_name(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
+
+
+def _encode(obj: Any, out: bytearray, path: str) -> None:
+    t = type(obj)
+    # Exact-type checks first: the common cases, and bool before int (bool is an int).
+    if t is str:
+        b = obj.encode("utf-8", "surrogatepass")
+        out += b"s%d:" % len(b)
+        out += b
+    elif t is int:
+        out += b"i%d;" % obj
+    elif t is bool:
+        out += b"T" if obj else b"F"
+    elif obj is None:
+        out += b"N"
+    elif t is float:
+        if obj != obj:  # noqa: PLR0124 - NaN
+            out += b"fnan"
+        else:
+            # -0.0 == 0.0 in Python, so they must share a key (the memo treats them as equal).
+            out += b"f" + struct.pack(">d", obj + 0.0)
+    elif t is bytes:
+        out += b"b%d:" % len(obj)
+        out += obj
+    elif t is tuple or t is list:
+        out += b"(%d:" % len(obj) if t is tuple else b"[%d:" % len(obj)
+        for i, item in enumerate(obj):
+            _encode(item, out, f"{path}[{i}]")
+    elif t is dict:
+        _encode_mapping(obj, out, path, b"{")
+    elif t is set or t is frozenset:
+        parts = []
+        for item in obj:
+            buf = bytearray()
+            _encode(item, buf, f"{path}{{…}}")
+            parts.append(bytes(buf))
+        parts.sort()
+        out += b"<%d:" % len(parts) if t is set else b">%d:" % len(parts)
+        for p in parts:
+            out += p
+    else:
+        _encode_other(obj, out, path)
+
+
+def _encode_mapping(obj: Mapping[Any, Any], out: bytearray, path: str, tag: bytes) -> None:
+    items = []
+    for k, v in obj.items():
+        kb = bytearray()
+        _encode(k, kb, f"{path}[{k!r}] (key)")
+        vb = bytearray()
+        _encode(v, vb, f"{path}[{k!r}]")
+        items.append((bytes(kb), bytes(vb)))
+    items.sort()
+    out += tag + b"%d:" % len(items)
+    for key_bytes, value_bytes in items:
+        out += key_bytes
+        out += value_bytes
+
+
+def _tagged_name(out: bytearray, tag: bytes, obj: Any) -> None:
+    name = _qualified_name(obj).encode()
+    out += tag + b"%d:" % len(name) + name
+
+
+def _encode_other(obj: Any, out: bytearray, path: str) -> None:
+    hook = getattr(type(obj), "__tiercache_key__", None)
+    if hook is not None:
+        _tagged_name(out, b"H", type(obj))
+        _encode(hook(obj), out, f"{path}.__tiercache_key__()")
+    elif isinstance(obj, enum.Enum):
+        _tagged_name(out, b"E", type(obj))
+        _encode(obj.value, out, f"{path}.value")
+    elif isinstance(obj, dt.datetime):
+        out += b"D" + obj.isoformat().encode() + b";"
+    elif isinstance(obj, dt.date):
+        out += b"d" + obj.isoformat().encode() + b";"
+    elif isinstance(obj, dt.time):
+        out += b"t" + obj.isoformat().encode() + b";"
+    elif isinstance(obj, dt.timedelta):
+        out += b"R%d,%d,%d;" % (obj.days, obj.seconds, obj.microseconds)
+    elif isinstance(obj, decimal.Decimal):
+        out += b"M" + str(obj).encode() + b";"
+    elif isinstance(obj, uuid.UUID):
+        out += b"U" + obj.bytes
+    elif isinstance(obj, (bytearray, memoryview)):
+        data = bytes(obj)
+        out += b"y%d:" % len(data) + data
+    elif isinstance(obj, type):
+        _tagged_name(out, b"C", obj)
+    elif dataclasses.is_dataclass(obj):
+        _tagged_name(out, b"A", type(obj))
+        fields = dataclasses.fields(obj)
+        out += b"%d:" % len(fields)
+        for f in fields:
+            _encode(f.name, out, path)
+            _encode(getattr(obj, f.name), out, f"{path}.{f.name}")
+    elif hasattr(obj, "model_dump") and hasattr(type(obj), "model_fields"):  # pydantic v2
+        _tagged_name(out, b"P", type(obj))
+        _encode(obj.model_dump(mode="python"), out, path)
+    elif isinstance(obj, (str, int, float, bytes, tuple, list, dict, frozenset, set)):
+        # A subclass of a builtin (e.g. a str subclass): the class name, then the base value.
+        _tagged_name(out, b"S", type(obj))
+        base: Any = next(b for b in (int, float, str, bytes, tuple, list, dict, frozenset, set) if isinstance(obj, b))
+        _encode(base(obj), out, path)
+    else:
+        raise KeyEncodingError(
+            f"cannot encode {path} (a {type(obj).__qualname__}) into a cache key: pass "
+            "str/int/float/bool/None/bytes, tuples, lists, dicts, sets, datetimes, enums, "
+            "dataclasses or pydantic models, define __tiercache_key__(self) on the class, "
+            "or give tiered(..., key=...)"
+        )
+
+
+def canonical_bytes(value: Any, path: str = "value") -> bytes:
+    """The canonical, type-tagged encoding of ``value`` (the input of :func:`digest`)."""
+    out = bytearray()
+    _encode(value, out, path)
+    return bytes(out)
+
+
+def digest(data: bytes) -> str:
+    """xxh3-128 of ``data`` as 32 hex digits: stable across processes, platforms and runs."""
+    return xxhash.xxh3_128_hexdigest(data)
+
+
+def function_prefix(namespace: str, name: str) -> str:
+    """``tc:{namespace}:v1:f:{module.qualname}:`` — the part of a function's keys before the digest."""
+    if "{" in name or "}" in name:
+        raise ConfigError(f"name={name!r} must not contain braces (they are Redis Cluster hash tags)")
+    return f"tc:{namespace}:{FORMAT_VERSION}:f:{name}:"
+
+
+def user_key(namespace: str, key: str) -> str:
+    """The Redis key of a user-chosen key (``cache.get("user:1")``).
+
+    The user part goes inside a ``{hash tag}`` so that the value and its lease share a Redis
+    Cluster slot; a key that contains braces itself is digested, so the tag stays well formed.
+    """
+    if not isinstance(key, str) or not key:
+        raise KeyEncodingError(f"key={key!r} must be a non-empty str")
+    if "{" in key or "}" in key:
+        key = "#" + digest(key.encode("utf-8", "surrogatepass"))
+    return f"tc:{namespace}:{FORMAT_VERSION}:k:{{{key}}}"
+
+
+class KeyMaker:
+    """Derives the Redis key of a call to one function.
+
+    ``__call__`` is on the L1 hit path, so it first looks in a small memo keyed by the raw
+    arguments *and their exact types*; the memo only ever holds calls whose arguments are all
+    of types where equal values of the same type have equal encodings (str, int, float,
+    bytes, bool, None), so ``f(1)`` and ``f(True)`` can never be confused there. Everything
+    else takes the full path: bind to the signature (defaults applied, so ``f(1)`` and
+    ``f(x=1)`` share a key), encode canonically, digest.
+    """
+
+    __slots__ = ("_memo", "_params", "_prefix", "_qualname", "_self_hook", "_signature", "_skip_first")
+
+    def __init__(self, fn: Callable[..., Any], prefix: str, *, skip_first: bool = False) -> None:
+        self._signature = inspect.signature(fn)
+        self._params = list(self._signature.parameters.values())
+        self._prefix = prefix
+        self._qualname = getattr(fn, "__qualname__", repr(fn))
+        self._skip_first = skip_first
+        self._memo: dict[Any, str] = {}
+
+    def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        if self._skip_first:
+            owner = args[0] if args else None
+            if getattr(type(owner), "__tiercache_key__", None) is not None:
+                return self._derive(args, kwargs)  # instance state is part of the key
+            args = args[1:]
+        if kwargs:
+            lk: Any = (_KW, args, tuple(map(type, args)), tuple(kwargs.items()), tuple(map(type, kwargs.values())))
+        else:
+            lk = args + tuple(map(type, args))
+        try:
+            return self._memo[lk]
+        except KeyError:
+            pass
+        except TypeError:  # unhashable argument: no memo, full path every time
+            return self._derive_unbound(args, kwargs)
+        key = self._derive_unbound(args, kwargs)
+        if _MEMO_SAFE.issuperset(map(type, args)) and _MEMO_SAFE.issuperset(map(type, kwargs.values())):
+            if len(self._memo) >= _MEMO_LIMIT:
+                self._memo.clear()
+            self._memo[lk] = key
+        return key
+
+    def _derive_unbound(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        if self._skip_first:
+            args = (None, *args)  # a placeholder for self, left out of the key
+        return self._derive(args, kwargs)
+
+    def _derive(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        try:
+            bound = self._signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"{self._qualname}() {exc}") from None
+        bound.apply_defaults()
+        out = bytearray()
+        for i, param in enumerate(self._params):
+            value = bound.arguments[param.name]
+            if i == 0 and self._skip_first:
+                hook = getattr(type(value), "__tiercache_key__", None)
+                if hook is None:
+                    continue
+                value = hook(value)
+            _encode(param.name, out, param.name)
+            try:
+                _encode(value, out, f"argument {param.name!r}")
+            except KeyEncodingError as exc:
+                raise KeyEncodingError(f"{self._qualname}(): {exc}") from None
+        return self._prefix + "{" + digest(bytes(out)) + "}"
+
+
+class _KwMarker:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<kwargs>"
+
+
+_KW = _KwMarker()

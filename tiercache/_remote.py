@@ -1,0 +1,152 @@
+"""What the flow asks of Redis: Lua scripts, command records (Ops), and the circuit breaker.
+
+No client objects live here; the sync and async drivers execute these records. Each record
+is one round trip: the read script answers the value *and* its remaining TTL, the write
+script changes values, bumps the namespace's sequence number and publishes the invalidation
+in one atomic step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+__all__ = ["FAILED", "Breaker", "RedisOp", "RemoteFailure", "Script", "fetch", "store", "write"]
+
+
+class Script:
+    """A Lua script, run by EVALSHA; the drivers fall back to EVAL on NOSCRIPT (which loads it)."""
+
+    __slots__ = ("sha", "source")
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA-1
+
+
+class RedisOp:
+    """One Redis round trip: the command's arguments and how to read its reply."""
+
+    __slots__ = ("args", "parse", "script")
+
+    def __init__(
+        self, args: tuple[Any, ...], parse: Callable[[Any], Any] | None = None, script: Script | None = None
+    ) -> None:
+        self.args = args
+        self.parse = parse
+        self.script = script
+
+    def fallback_args(self) -> tuple[Any, ...]:
+        """The EVAL form of an EVALSHA op, for a server that does not know the script yet."""
+        assert self.script is not None
+        return ("EVAL", self.script.source, *self.args[2:])
+
+
+class RemoteFailure(Exception):
+    """Raised by a driver into the flow when Redis failed; ``__cause__`` is the redis-py error."""
+
+
+class _Failed:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "FAILED"
+
+
+#: What a remote step returns to the flow when Redis failed (and strict mode is off).
+FAILED: Any = _Failed()
+
+_READ = Script("""
+local v = redis.call('GET', KEYS[1])
+if not v then return false end
+return {v, redis.call('PTTL', KEYS[1])}
+""")
+
+# KEYS[1] the namespace's sequence counter, KEYS[2..] the value keys.
+# ARGV[1] origin node id, ARGV[2] channel, ARGV[3] 'set' or 'del', ARGV[4] ttl in ms,
+# ARGV[5..] the values (for 'set'). Redis first, then one message for the whole batch.
+_WRITE = Script("""
+local n = #KEYS
+if ARGV[3] == 'set' then
+  for i = 2, n do redis.call('SET', KEYS[i], ARGV[i + 3], 'PX', ARGV[4]) end
+else
+  for i = 2, n do redis.call('DEL', KEYS[i]) end
+end
+local seq = redis.call('INCR', KEYS[1])
+local keys = {}
+for i = 2, n do keys[i - 1] = KEYS[i] end
+local receivers = redis.call('PUBLISH', ARGV[2], cjson.encode({n = ARGV[1], s = seq, k = keys}))
+return {seq, receivers}
+""")
+
+
+def _parse_fetch(reply: Any) -> tuple[bytes, int] | None:
+    if not reply:
+        return None
+    data, pttl = reply
+    return data, int(pttl)
+
+
+def _parse_write(reply: Any) -> tuple[int, int]:
+    seq, receivers = reply
+    return int(seq), int(receivers)
+
+
+def fetch(key: str) -> RedisOp:
+    """GET and PTTL of ``key`` in one round trip; parses to ``(bytes, pttl_ms)`` or None."""
+    return RedisOp(("EVALSHA", _READ.sha, 1, key), _parse_fetch, _READ)
+
+
+def store(key: str, data: bytes, ttl_ms: int) -> RedisOp:
+    """A fill after a miss: SET with expiry and no broadcast (a fill changes nothing others hold)."""
+    return RedisOp(("SET", key, data, "PX", ttl_ms))
+
+
+def write(
+    seq_key: str, channel: str, node_id: str, keys: Sequence[str], values: Sequence[bytes] | None, ttl_ms: int
+) -> RedisOp:
+    """Set (``values``) or delete (``values=None``) ``keys``, then publish their invalidation."""
+    argv: tuple[Any, ...] = (node_id, channel, "set" if values is not None else "del", ttl_ms)
+    if values is not None:
+        argv += tuple(values)
+    return RedisOp(("EVALSHA", _WRITE.sha, 1 + len(keys), seq_key, *keys, *argv), _parse_write, _WRITE)
+
+
+class Breaker:
+    """Consecutive-failure circuit breaker: a dead Redis costs callers nearly nothing.
+
+    Closed: every call goes to Redis. After ``threshold`` failures in a row it opens and
+    calls skip Redis for ``cooldown`` seconds; then one call probes (half-open): success
+    closes it, failure opens it again.
+    """
+
+    __slots__ = ("_clock", "_cooldown", "_failures", "_open_until", "_threshold")
+
+    def __init__(self, threshold: int, cooldown: float, clock: Callable[[], float]) -> None:
+        self._threshold = threshold
+        self._cooldown = cooldown
+        self._clock = clock
+        self._failures = 0
+        self._open_until = 0.0
+
+    @property
+    def is_open(self) -> bool:
+        return self._failures >= self._threshold and self._clock() < self._open_until
+
+    def allow(self) -> bool:
+        if self._failures < self._threshold:
+            return True
+        now = self._clock()
+        if now < self._open_until:
+            return False
+        self._open_until = now + self._cooldown  # this caller probes; the others keep skipping
+        return True
+
+    def success(self) -> None:
+        self._failures = 0
+
+    def failure(self) -> None:
+        self._failures += 1
+        if self._failures >= self._threshold:
+            self._open_until = self._clock() + self._cooldown
