@@ -114,11 +114,12 @@ class TieredFunction(_Tiered, Generic[P, R]):
             return value  # type: ignore[no-any-return]
         if self._hints_pending:
             self._register_return_types()
-        return _sync.drive(
-            self._core.read_through(key, self._ttl, self._l1_ttl, True),  # type: ignore[no-any-return]
+        result: R = _sync.drive(
+            self._core.read_through(key, self._ttl, self._l1_ttl, True),
             self._cache._sync,
             functools.partial(self._fn, *args, **kwargs),
         )
+        return result
 
     def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> None:
         """Drop this call's entry from Redis and from the L1 of every process."""
@@ -127,11 +128,12 @@ class TieredFunction(_Tiered, Generic[P, R]):
     def refresh(self, *args: P.args, **kwargs: P.kwargs) -> R:
         """Call the function now, store the result in both tiers (telling every process), return it."""
         key = self._keyfn(args, kwargs)
-        return _sync.drive(
+        result: R = _sync.drive(
             self._core.refresh(key, self._ttl, self._l1_ttl),
-            self._cache._sync,  # type: ignore[no-any-return]
+            self._cache._sync,
             functools.partial(self._fn, *args, **kwargs),
         )
+        return result
 
 
 class AsyncTieredFunction(_Tiered, Generic[P, R]):
@@ -148,11 +150,12 @@ class AsyncTieredFunction(_Tiered, Generic[P, R]):
             return value  # type: ignore[no-any-return]
         if self._hints_pending:
             self._register_return_types()
-        return await _async.drive(
-            self._core.read_through(key, self._ttl, self._l1_ttl, True),  # type: ignore[no-any-return]
+        result: R = await _async.drive(
+            self._core.read_through(key, self._ttl, self._l1_ttl, True),
             self._cache._async,
             functools.partial(self._fn, *args, **kwargs),
         )
+        return result
 
     async def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> None:
         """Drop this call's entry from Redis and from the L1 of every process."""
@@ -161,11 +164,12 @@ class AsyncTieredFunction(_Tiered, Generic[P, R]):
     async def refresh(self, *args: P.args, **kwargs: P.kwargs) -> R:
         """Call the function now, store the result in both tiers (telling every process), return it."""
         key = self._keyfn(args, kwargs)
-        return await _async.drive(
-            self._core.refresh(key, self._ttl, self._l1_ttl),  # type: ignore[no-any-return]
+        result: R = await _async.drive(
+            self._core.refresh(key, self._ttl, self._l1_ttl),
             self._cache._async,
             functools.partial(self._fn, *args, **kwargs),
         )
+        return result
 
 
 class _Bound:
