@@ -17,6 +17,7 @@ Quick start::
 
 from ._cache import AsyncCacheView, TieredCache
 from ._codec import JsonSerializer, MsgpackSerializer, PickleSerializer
+from ._coherence import WriteResult
 from ._decorator import AsyncTieredFunction, TieredFunction, tiered
 from ._metrics import CacheStats
 from ._types import MISSING, Serializer
@@ -46,6 +47,7 @@ __all__ = [
     "TieredCache",
     "TieredFunction",
     "ValueTooLargeError",
+    "WriteResult",
     "tiered",
 ]
 

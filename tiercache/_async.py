@@ -16,7 +16,7 @@ import redis
 import redis.asyncio
 from redis.exceptions import NoScriptError
 
-from ._flight import Flight
+from ._flight import Signal
 from ._flow import CALL, Flow, Wait
 from ._remote import RedisOp, RemoteFailure
 
@@ -88,7 +88,7 @@ async def _quietly(awaitable: Awaitable[Any]) -> None:
         pass
 
 
-async def wait(flight: Flight) -> None:
+async def wait(signal: Signal, timeout: float | None) -> None:
     loop = asyncio.get_running_loop()
     done = loop.create_future()
 
@@ -98,8 +98,11 @@ async def wait(flight: Flight) -> None:
         except RuntimeError:  # that loop has closed: nobody is waiting there any more
             pass
 
-    if flight.add_waiter(wake):
-        await done
+    if signal.add_waiter(wake):
+        try:
+            await asyncio.wait_for(done, timeout)
+        except asyncio.TimeoutError:  # the flow reads the outcome from the signal itself
+            pass
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
@@ -121,7 +124,7 @@ async def drive(flow: Flow, remote: AsyncRedis | None, call: Callable[[], Awaita
             if step is CALL:
                 reply = await call()  # type: ignore[misc]
             elif type(step) is Wait:
-                await wait(step.flight)
+                await wait(step.signal, step.timeout)
             else:
                 reply = await remote.execute(step)  # type: ignore[union-attr]
         except BaseException as exc:  # noqa: BLE001 - thrown into the flow, which decides

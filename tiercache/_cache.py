@@ -17,6 +17,7 @@ from redis.retry import Retry
 
 from . import _async, _sync
 from ._codec import Codec, MsgpackSerializer
+from ._coherence import WriteResult
 from ._flow import Core
 from ._keys import user_key, validate_namespace
 from ._local import LocalCache
@@ -33,7 +34,8 @@ _PORTABLE = ("host", "port", "path", "db", "username", "password", "client_name"
 
 
 class TieredCache:
-    """A per-process L1 in front of Redis (L2), shared by sync and async code.
+    """A per-process L1 in front of Redis (L2), shared by sync and async code, kept coherent
+    across processes by an invalidation bus on Redis pub/sub.
 
     Args:
         url: Redis URL, e.g. ``"redis://127.0.0.1:6379/0"``. Omit it (and ``client``) for an
@@ -42,7 +44,7 @@ class TieredCache:
         async_client: a ``redis.asyncio.Redis`` for async calls. Without it, async calls use
             a pool per event loop made from ``url`` or ``client``'s connection settings.
         namespace: prefix of every key and of the invalidation channel; caches that must see
-            each other's entries use the same namespace.
+            each other's entries and invalidations use the same namespace.
         ttl: seconds an entry lives in Redis (default 300).
         l1_ttl: at most this many seconds in L1, never longer than the Redis copy has left.
         l1_maxsize: most entries L1 holds (least recently used are evicted).
@@ -55,6 +57,13 @@ class TieredCache:
         compress_threshold: encoded values at least this many bytes are compressed.
         max_value_bytes: larger encoded values are returned but not cached (None: no limit).
         strict: raise :class:`~tiercache.BackendError` when Redis fails instead of failing open.
+        coherent: run the invalidation subscriber (default). L1 is then served only while the
+            subscriber is known to be subscribed. False: no subscriber, and another process's
+            write reaches this process's L1 only when the entry's ``l1_ttl`` ends.
+        staleness_bound: seconds. The subscriber pings when idle for half of this and gives
+            up on a connection that stays silent for the other half, so after a message is
+            lost to a dead or half-open connection, L1 is flushed and off within this bound.
+        ack_timeout: default seconds a ``wait=True`` write waits for acknowledgements.
         socket_timeout: seconds a Redis command may take before the call fails open.
         connect_timeout: seconds to connect to Redis.
         pool_size: connections per pool (one pool per process, one per event loop for async).
@@ -63,7 +72,7 @@ class TieredCache:
 
     Example:
         >>> cache = TieredCache(namespace="docs")          # L1 only: no Redis configured
-        >>> cache.set("greeting", "hello")
+        >>> _ = cache.set("greeting", "hello")
         >>> cache.get("greeting")
         'hello'
         >>> cache.close()
@@ -86,6 +95,9 @@ class TieredCache:
         compress_threshold: int = 1024,
         max_value_bytes: int | None = 16 * 1024 * 1024,
         strict: bool = False,
+        coherent: bool = True,
+        staleness_bound: float = 1.0,
+        ack_timeout: float = 2.0,
         socket_timeout: float = 0.5,
         connect_timeout: float = 0.5,
         pool_size: int = 64,
@@ -95,6 +107,8 @@ class TieredCache:
         validate_namespace(namespace)
         _positive("ttl", ttl)
         _positive("l1_ttl", l1_ttl, allow_zero=True)
+        _positive("staleness_bound", staleness_bound)
+        _positive("ack_timeout", ack_timeout, allow_zero=True)
         _positive("socket_timeout", socket_timeout)
         _positive("connect_timeout", connect_timeout)
         _positive("pool_timeout", pool_timeout, allow_zero=True)
@@ -111,6 +125,7 @@ class TieredCache:
         elif not isinstance(serializer, Serializer):
             raise ConfigError(f"serializer={serializer!r} lacks ident/name/requires_signature/dumps/loads")
         self.namespace = namespace
+        self._ack_timeout = ack_timeout
         codec = Codec(
             serializer,
             signing_key=signing_key,
@@ -131,9 +146,17 @@ class TieredCache:
             local=LocalCache(l1_maxsize, l1_maxbytes, clock),
             codec=codec,
             has_remote=has_remote,
+            coherent=coherent,
             strict=strict,
             clock=clock,
         )
+        self._subscriber: _sync.Subscriber | None = None
+        if self._core.bus is not None and self._sync is not None:
+            half = staleness_bound / 2
+            self._subscriber = _sync.Subscriber(
+                self._sync, self._core.bus, self._core.seq_key, half, half, self._core.log
+            )
+            self._subscriber.start()
         self.aio = AsyncCacheView(self)
         """The same cache with ``async`` methods: ``await cache.aio.get(key)``."""
 
@@ -146,42 +169,71 @@ class TieredCache:
         """The Redis key that ``get``/``set``/``delete`` use for the user key ``key``."""
         return user_key(self.namespace, key)
 
+    def ready(self, timeout: float = 5.0) -> bool:
+        """Wait until L1 may be served: the invalidation subscriber is subscribed.
+
+        True at once for an L1-only or ``coherent=False`` cache. Until this is true, calls
+        are still answered (from Redis or the function), just without L1 hits.
+        """
+        bus = self._core.bus
+        return True if bus is None else bus.connected.wait(timeout)
+
     def get(self, key: str, default: Any = None) -> Any:
         """The value stored under ``key`` (from L1, else Redis), or ``default``."""
-        rkey = user_key(self.namespace, key)
-        value = self._core.local.get(rkey)
-        if value is not MISSING:
-            self._core.counters.l1_hits += 1
-            return value
-        value = _sync.drive(self._core.read_through(rkey, None, None, False), self._sync, None)
+        value = _sync.drive(self._core.get(user_key(self.namespace, key)), self._sync, None)
         return default if value is MISSING else value
 
-    def set(self, key: str, value: Any, *, ttl: float | None = None, l1_ttl: float | None = None) -> None:
+    def set(
+        self,
+        key: str,
+        value: Any,
+        *,
+        ttl: float | None = None,
+        l1_ttl: float | None = None,
+        wait: bool = False,
+        timeout: float | None = None,
+    ) -> WriteResult:
         """Store ``value`` in Redis and L1 and tell every other process to drop its copy.
+
+        ``wait=True``: return only once every subscribed process has acknowledged dropping its
+        copy, or ``timeout`` (default ``ack_timeout``) passed; the result says how many did.
 
         Raises:
             CodecError: the serializer cannot encode ``value`` (or it is above max_value_bytes).
         """
         _positive("ttl", ttl, optional=True)
-        _sync.drive(self._core.set(user_key(self.namespace, key), value, ttl, l1_ttl), self._sync, None)
+        flow = self._core.set(user_key(self.namespace, key), value, ttl, l1_ttl, self._wait(wait, timeout))
+        return _sync.drive(flow, self._sync, None)  # type: ignore[no-any-return]
 
-    def delete(self, *keys: str) -> None:
-        """Remove ``keys`` from Redis and L1, and from every other process's L1."""
-        if keys:
-            rkeys = [user_key(self.namespace, k) for k in keys]
-            _sync.drive(self._core.delete(rkeys), self._sync, None)
+    def delete(self, *keys: str, wait: bool = False, timeout: float | None = None) -> WriteResult:
+        """Remove ``keys`` from Redis and L1, and from every other process's L1 (see ``set`` for ``wait``)."""
+        return self.invalidate(*[user_key(self.namespace, k) for k in keys], wait=wait, timeout=timeout)
+
+    def invalidate(self, *redis_keys: str, wait: bool = False, timeout: float | None = None) -> WriteResult:
+        """Remove entries by their Redis keys (``f.key(...)`` of a decorated function) from Redis
+        and from the L1 of every process; see ``set`` for ``wait``.
+
+        Example:
+            ``cache.invalidate(get_user.key(42), wait=True)`` returns once every process has
+            dropped its copy of ``get_user(42)``.
+        """
+        flow = self._core.delete(redis_keys, self._wait(wait, timeout))
+        return _sync.drive(flow, self._sync, None)  # type: ignore[no-any-return]
 
     def stats(self) -> CacheStats:
         """Counters and sizes of this cache in this process."""
         return self._core.stats()
 
     def close(self) -> None:
-        """Disconnect the sync pool. Async pools: use ``await cache.aclose()``."""
+        """Stop the subscriber and disconnect the sync pool (``await cache.aclose()`` also
+        disconnects the running event loop's pool). L1 is not served after this."""
+        if self._subscriber is not None:
+            self._subscriber.stop()
         if self._sync is not None:
             self._sync.close()
 
     async def aclose(self) -> None:
-        """Disconnect the pool of the running event loop and the sync pool."""
+        """Disconnect the pool of the running event loop, then ``close()``."""
         if self._async is not None:
             await self._async.aclose()
         self.close()
@@ -200,6 +252,12 @@ class TieredCache:
     ) -> None:
         await self.aclose()
 
+    def _wait(self, wait: bool, timeout: float | None) -> float | None:
+        _positive("timeout", timeout, allow_zero=True, optional=True)
+        if not wait:
+            return None
+        return self._ack_timeout if timeout is None else timeout
+
 
 class AsyncCacheView:
     """``cache.aio``: the methods of :class:`TieredCache`, awaitable, on ``redis.asyncio``."""
@@ -212,25 +270,35 @@ class AsyncCacheView:
     async def get(self, key: str, default: Any = None) -> Any:
         """The value stored under ``key`` (from L1, else Redis), or ``default``."""
         c = self._cache
-        rkey = user_key(c.namespace, key)
-        value = c._core.local.get(rkey)
-        if value is not MISSING:
-            c._core.counters.l1_hits += 1
-            return value
-        value = await _async.drive(c._core.read_through(rkey, None, None, False), c._async, None)
+        value = await _async.drive(c._core.get(user_key(c.namespace, key)), c._async, None)
         return default if value is MISSING else value
 
-    async def set(self, key: str, value: Any, *, ttl: float | None = None, l1_ttl: float | None = None) -> None:
+    async def set(
+        self,
+        key: str,
+        value: Any,
+        *,
+        ttl: float | None = None,
+        l1_ttl: float | None = None,
+        wait: bool = False,
+        timeout: float | None = None,
+    ) -> WriteResult:
         """Store ``value`` in Redis and L1 and tell every other process to drop its copy."""
         _positive("ttl", ttl, optional=True)
         c = self._cache
-        await _async.drive(c._core.set(user_key(c.namespace, key), value, ttl, l1_ttl), c._async, None)
+        flow = c._core.set(user_key(c.namespace, key), value, ttl, l1_ttl, c._wait(wait, timeout))
+        return await _async.drive(flow, c._async, None)  # type: ignore[no-any-return]
 
-    async def delete(self, *keys: str) -> None:
+    async def delete(self, *keys: str, wait: bool = False, timeout: float | None = None) -> WriteResult:
         """Remove ``keys`` from Redis and L1, and from every other process's L1."""
         c = self._cache
-        if keys:
-            await _async.drive(c._core.delete([user_key(c.namespace, k) for k in keys]), c._async, None)
+        return await self.invalidate(*[user_key(c.namespace, k) for k in keys], wait=wait, timeout=timeout)
+
+    async def invalidate(self, *redis_keys: str, wait: bool = False, timeout: float | None = None) -> WriteResult:
+        """Remove entries by their Redis keys from Redis and from the L1 of every process."""
+        c = self._cache
+        flow = c._core.delete(redis_keys, c._wait(wait, timeout))
+        return await _async.drive(flow, c._async, None)  # type: ignore[no-any-return]
 
     async def aclose(self) -> None:
         """Same as ``await cache.aclose()``."""

@@ -17,6 +17,7 @@ from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 from . import _async, _sync
 from ._cache import TieredCache, _positive
+from ._coherence import WriteResult
 from ._keys import KeyMaker, canonical_bytes, digest, function_prefix, user_key
 from ._types import MISSING
 from .errors import ConfigError
@@ -99,7 +100,7 @@ class TieredFunction(_Tiered, Generic[P, R]):
         ...     return x * x
         >>> square(4), square(4), square.__wrapped__(5)
         (16, 16, 25)
-        >>> square.invalidate(4)
+        >>> _ = square.invalidate(4)
         >>> square.key(4) == square.key(x=4)
         True
     """
@@ -121,9 +122,12 @@ class TieredFunction(_Tiered, Generic[P, R]):
         )
         return result
 
-    def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> None:
-        """Drop this call's entry from Redis and from the L1 of every process."""
-        _sync.drive(self._core.delete([self._keyfn(args, kwargs)]), self._cache._sync, None)
+    def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> WriteResult:
+        """Drop this call's entry from Redis and from the L1 of every process.
+
+        To wait until every process has dropped it: ``cache.invalidate(f.key(...), wait=True)``."""
+        result: WriteResult = _sync.drive(self._core.delete([self._keyfn(args, kwargs)], None), self._cache._sync, None)
+        return result
 
     def refresh(self, *args: P.args, **kwargs: P.kwargs) -> R:
         """Call the function now, store the result in both tiers (telling every process), return it."""
@@ -157,9 +161,14 @@ class AsyncTieredFunction(_Tiered, Generic[P, R]):
         )
         return result
 
-    async def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> None:
-        """Drop this call's entry from Redis and from the L1 of every process."""
-        await _async.drive(self._core.delete([self._keyfn(args, kwargs)]), self._cache._async, None)
+    async def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> WriteResult:
+        """Drop this call's entry from Redis and from the L1 of every process.
+
+        To wait until every process has dropped it: ``await cache.aio.invalidate(f.key(...), wait=True)``."""
+        result: WriteResult = await _async.drive(
+            self._core.delete([self._keyfn(args, kwargs)], None), self._cache._async, None
+        )
+        return result
 
     async def refresh(self, *args: P.args, **kwargs: P.kwargs) -> R:
         """Call the function now, store the result in both tiers (telling every process), return it."""

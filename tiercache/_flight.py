@@ -1,42 +1,65 @@
-"""The in-flight table: per-process single-flight of loads, and the dirty marks of invariant 2.
+"""The in-flight table: single-flight of loads, and the one lock that orders L1 fills and evictions.
 
-One record per key being loaded. Later callers of the same key wait for the leader instead
-of loading again. An invalidation of a key marks its in-flight record dirty: the leader still
-answers its own callers with what it loaded, but must not put that result into L1, because it
-may have been computed from data older than the invalidation.
+One record (a :class:`Flight`) per key being loaded. Later callers of the same key wait for
+the leader instead of loading again. Writes register detached records ("watches") for the
+keys they write. An invalidation of a key marks its records dirty and evicts the key from L1
+in one step under the table's lock; a fill puts into L1 only if its record is still clean,
+under the same lock. So whichever comes second wins the right way (invariant 2): a load or
+write overtaken by an invalidation answers its own callers but never enters L1, and no fill
+can slip in between an invalidation's check and its eviction.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-__all__ = ["Flight", "FlightTable"]
+from ._local import LocalCache
+
+__all__ = ["Flight", "FlightTable", "Signal"]
 
 
-class Flight:
-    """One in-flight load. Waiters register a callback run (in any thread) when it ends."""
+class Signal:
+    """Something that ends once; waiters register a callback run (in any thread) when it does."""
 
-    __slots__ = ("_callbacks", "_lock", "abandoned", "dirty", "done", "error", "key", "value")
+    __slots__ = ("_callbacks", "_lock", "done")
 
-    def __init__(self, key: str) -> None:
-        self.key = key
-        self.dirty = False
+    def __init__(self) -> None:
         self.done = False
-        self.abandoned = False  # the leader stopped without an outcome (cancelled, interrupted)
-        self.value: Any = None
-        self.error: BaseException | None = None
         self._callbacks: list[Callable[[], None]] = []
         self._lock = threading.Lock()
 
     def add_waiter(self, callback: Callable[[], None]) -> bool:
-        """Run ``callback`` when the flight ends; False (and no call) if it has ended already."""
+        """Run ``callback`` when this ends; False (and no call) if it has ended already."""
         with self._lock:
             if self.done:
                 return False
             self._callbacks.append(callback)
             return True
+
+    def _end(self) -> None:
+        with self._lock:
+            if self.done:
+                return
+            self.done = True
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+
+class Flight(Signal):
+    """One in-flight load (or, detached from the table, one write's watch on a key)."""
+
+    __slots__ = ("abandoned", "dirty", "error", "key", "value")
+
+    def __init__(self, key: str) -> None:
+        super().__init__()
+        self.key = key
+        self.dirty = False
+        self.abandoned = False  # the leader stopped without an outcome (cancelled, interrupted)
+        self.value: Any = None
+        self.error: BaseException | None = None
 
     def finish(self, value: Any) -> None:
         self.value = value
@@ -50,23 +73,16 @@ class Flight:
         self.abandoned = True
         self._end()
 
-    def _end(self) -> None:
-        with self._lock:
-            if self.done:
-                return
-            self.done = True
-            callbacks, self._callbacks = self._callbacks, []
-        for callback in callbacks:
-            callback()
-
 
 class FlightTable:
-    """Key -> the Flight loading it. Thread-safe; shared by sync and async callers."""
+    """Key -> the Flight loading it, plus writes' watches. Thread-safe; shared by sync and async."""
 
-    __slots__ = ("_flights", "_lock")
+    __slots__ = ("_flights", "_local", "_lock", "_watches")
 
-    def __init__(self) -> None:
+    def __init__(self, local: LocalCache) -> None:
+        self._local = local
         self._flights: dict[str, Flight] = {}
+        self._watches: dict[str, list[Flight]] = {}
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -86,17 +102,70 @@ class FlightTable:
             if self._flights.get(flight.key) is flight:
                 del self._flights[flight.key]
 
-    def mark_dirty(self, keys: Iterable[str]) -> None:
-        """Mark the loads of ``keys`` dirty and detach them: later callers start a fresh load
-        instead of joining one that may have read data older than the invalidation."""
+    def watch(self, keys: Sequence[str]) -> list[Flight]:
+        """Detached records for a write of ``keys``: invalidations arriving meanwhile dirty them."""
+        watches = [Flight(key) for key in keys]
         with self._lock:
-            for key in keys:
-                flight = self._flights.pop(key, None)
-                if flight is not None:
-                    flight.dirty = True
+            for w in watches:
+                self._watches.setdefault(w.key, []).append(w)
+        return watches
 
-    def mark_all_dirty(self) -> None:
+    def fill(self, flight: Flight, value: Any, ttl: float, size: int) -> None:
+        """Put a load's result into L1 unless an invalidation overtook the load."""
+        with self._lock:
+            if not flight.dirty:
+                self._local.put(flight.key, value, ttl, size)
+
+    def commit_write(
+        self, watches: Sequence[Flight], values: Sequence[Any] | None, ttl: float, sizes: Sequence[int]
+    ) -> None:
+        """After a write reached Redis: evict its keys here (dirtying loads in flight), then
+        keep the written values in L1 for the keys no other write has overtaken meanwhile."""
+        with self._lock:
+            for w in watches:
+                self._unwatch(w)
+            self._evict([w.key for w in watches])
+            if values is not None:
+                for w, value, size in zip(watches, values, sizes, strict=True):
+                    if not w.dirty:
+                        self._local.put(w.key, value, ttl, size)
+
+    def abort_write(self, watches: Sequence[Flight]) -> None:
+        with self._lock:
+            for w in watches:
+                self._unwatch(w)
+            self._evict([w.key for w in watches])
+
+    def evict(self, keys: Iterable[str]) -> None:
+        """An invalidation of ``keys``: dirty and detach their loads and watches, drop them from L1."""
+        with self._lock:
+            self._evict(keys)
+
+    def flush(self, accepting: bool) -> None:
+        """Everything may be stale (lost messages): dirty every load and watch, empty L1, and
+        let L1 take new entries only if ``accepting`` (the bus is known to be healthy)."""
         with self._lock:
             for flight in self._flights.values():
                 flight.dirty = True
             self._flights.clear()
+            for watches in self._watches.values():
+                for w in watches:
+                    w.dirty = True
+            self._local.accepting = accepting
+            self._local.clear()
+
+    def _evict(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            flight = self._flights.pop(key, None)
+            if flight is not None:
+                flight.dirty = True
+            for w in self._watches.get(key, ()):
+                w.dirty = True
+            self._local.pop(key)
+
+    def _unwatch(self, watch: Flight) -> None:
+        watches = self._watches.get(watch.key)
+        if watches is not None:
+            watches.remove(watch)
+            if not watches:
+                del self._watches[watch.key]

@@ -17,7 +17,8 @@ from typing import Any
 
 from . import _remote
 from ._codec import Codec
-from ._flight import Flight, FlightTable
+from ._coherence import Bus, WriteResult
+from ._flight import Flight, FlightTable, Signal
 from ._local import LocalCache
 from ._metrics import CacheStats, Counters, RateLimitedLog
 from ._remote import FAILED, Breaker, RedisOp, RemoteFailure
@@ -39,12 +40,14 @@ CALL: Any = _Call()
 
 
 class Wait:
-    """Yielded by a flow to have the driver block (or await) until ``flight`` ends."""
+    """Yielded by a flow to have the driver block (or await) until ``signal`` ends, or until
+    ``timeout`` seconds passed (None: no limit)."""
 
-    __slots__ = ("flight",)
+    __slots__ = ("signal", "timeout")
 
-    def __init__(self, flight: Flight) -> None:
-        self.flight = flight
+    def __init__(self, signal: Signal, timeout: float | None = None) -> None:
+        self.signal = signal
+        self.timeout = timeout
 
 
 Flow = Generator[Any, Any, Any]
@@ -65,6 +68,7 @@ class Core:
         local: LocalCache,
         codec: Codec,
         has_remote: bool,
+        coherent: bool,
         strict: bool,
         clock: Callable[[], float],
     ) -> None:
@@ -80,16 +84,14 @@ class Core:
         self.channel = f"tc:{namespace}:inval"
         self.seq_key = f"tc:{namespace}:seq"
         self.counters = Counters()
-        self.flights = FlightTable()
+        self.flights = FlightTable(local)
         self.breaker = Breaker(threshold=5, cooldown=1.0, clock=clock)
         self.log = RateLimitedLog(clock=clock)
-
-    # -- state changes that do no I/O -------------------------------------------------------
-
-    def evict(self, keys: Sequence[str]) -> None:
-        """Drop ``keys`` from L1 and mark their in-flight loads dirty (invariant 2)."""
-        self.flights.mark_dirty(keys)
-        self.local.pop_many(keys)
+        #: The invalidation bus, when other processes can share this namespace. Until its
+        #: subscriber confirms a subscription, L1 takes no entries (invariant 4).
+        self.bus = Bus(namespace, self.node_id, self.flights, self.log) if has_remote and coherent else None
+        if self.bus is not None:
+            self.flights.flush(accepting=False)
 
     def stats(self) -> CacheStats:
         c = self.counters
@@ -105,9 +107,21 @@ class Core:
             l1_size=len(self.local),
             l1_bytes=self.local.bytes,
             in_flight=len(self.flights),
+            bus_connected=None if self.bus is None else self.bus.connected.is_set(),
+            bus_messages=0 if self.bus is None else self.bus.messages,
+            bus_flushes=0 if self.bus is None else self.bus.flushes,
+            bus_gaps=0 if self.bus is None else self.bus.gaps,
         )
 
     # -- flows ------------------------------------------------------------------------------
+
+    def get(self, key: str) -> Flow:
+        """L1, else L2; MISSING when neither has ``key``. (Decorated functions inline the L1 step.)"""
+        value = self.local.get(key)
+        if value is not MISSING:
+            self.counters.l1_hits += 1
+            return value
+        return (yield from self.read_through(key, None, None, False))
 
     def read_through(self, key: str, ttl: float | None, l1_ttl: float | None, load: bool) -> Flow:
         """L2, else the function (when ``load``), single-flighted per key. L1 was checked already.
@@ -151,9 +165,9 @@ class Core:
                 self.log.emit("codec", "tiercache: ignoring unreadable value in Redis: %s", exc)
             else:
                 self.counters.l2_hits += 1
-                if not flight.dirty:
-                    remaining = pttl / 1000.0 if pttl > 0 else float("inf")
-                    self.local.put(key, value, min(self._l1_ttl(l1_ttl), remaining), len(data))
+                # An L1 copy never outlives its L2 copy: the TTL left in Redis came in the same reply.
+                remaining = pttl / 1000.0 if pttl > 0 else float("inf")
+                self.flights.fill(flight, value, min(self._l1_ttl(l1_ttl), remaining), len(data))
                 return value
         self.counters.misses += 1
         if not load:
@@ -169,8 +183,8 @@ class Core:
             return value
         ttl_s = self.ttl if ttl is None else ttl
         yield from self._remote(_remote.store(key, data, _ms(ttl_s)))
-        if not flight.dirty:  # invariant 2: a load overtaken by an invalidation stays out of L1
-            self.local.put(key, value, min(self._l1_ttl(l1_ttl), ttl_s), len(data))
+        # invariant 2: fill() keeps a load overtaken by an invalidation out of L1
+        self.flights.fill(flight, value, min(self._l1_ttl(l1_ttl), ttl_s), len(data))
         return value
 
     def refresh(self, key: str, ttl: float | None, l1_ttl: float | None) -> Flow:
@@ -183,19 +197,21 @@ class Core:
             raise
         data = self._encode_or_none(key, value)
         if data is None:
-            yield from self.delete([key])
+            yield from self.delete([key], None)
             return value
-        yield from self._write([key], [data], self.ttl if ttl is None else ttl, [value], l1_ttl)
+        yield from self._write([key], [data], self.ttl if ttl is None else ttl, [value], l1_ttl, None)
         return value
 
-    def set(self, key: str, value: Any, ttl: float | None, l1_ttl: float | None) -> Flow:
+    def set(self, key: str, value: Any, ttl: float | None, l1_ttl: float | None, wait: float | None) -> Flow:
         """Write ``value`` to Redis, broadcast the invalidation, then keep it in local L1."""
         data = self.codec.encode(key, value)  # an explicit set of an unencodable value raises
-        yield from self._write([key], [data], self.ttl if ttl is None else ttl, [value], l1_ttl)
+        return (yield from self._write([key], [data], self.ttl if ttl is None else ttl, [value], l1_ttl, wait))
 
-    def delete(self, keys: Sequence[str]) -> Flow:
+    def delete(self, keys: Sequence[str], wait: float | None) -> Flow:
         """Delete ``keys`` from Redis, broadcast the invalidation, evict them here."""
-        yield from self._write(keys, None, 0.0, None, None)
+        if not keys:
+            return WriteResult(None, 0, None)
+        return (yield from self._write(keys, None, 0.0, None, None, wait))
 
     def _write(
         self,
@@ -204,16 +220,43 @@ class Core:
         ttl: float,
         values: Sequence[Any] | None,
         l1_ttl: float | None,
+        wait: float | None,
     ) -> Flow:
-        op = _remote.write(self.seq_key, self.channel, self.node_id, keys, datas, _ms(ttl))
-        result = yield from self._remote(op)
-        # Redis first, then L1: a local load that starts after this line reads the new state,
-        # and one already in flight is marked dirty by evict().
-        self.evict(keys)
-        if values is not None and datas is not None and result is not FAILED:
-            l1 = min(self._l1_ttl(l1_ttl), ttl)
-            for key, value, data in zip(keys, values, datas, strict=True):
-                self.local.put(key, value, l1, len(data))
+        """Redis first (one script: write, sequence number, publish), then this process's L1.
+
+        ``wait`` (seconds): also wait until every subscriber that received the message has
+        acknowledged applying it, or until that many seconds passed.
+        """
+        acks = self.bus.open_acks() if wait is not None and self.bus is not None else None
+        watches = self.flights.watch(keys)
+        op = _remote.write(self.seq_key, self.channel, self.node_id, keys, datas, _ms(ttl), acks.token if acks else "")
+        try:
+            reply = yield from self._remote(op)
+        except BaseException:
+            self.flights.abort_write(watches)
+            if acks is not None:
+                self.bus.close_acks(acks)  # type: ignore[union-attr]
+            raise
+        if reply is FAILED and self.has_remote:
+            # Not in Redis, so not in L1 either; other nodes keep what they had until their TTL
+            # or their next message (fail open cannot tell them).
+            self.flights.abort_write(watches)
+            if acks is not None:
+                self.bus.close_acks(acks)  # type: ignore[union-attr]
+            return WriteResult(None, None, None)
+        sizes = [len(d) for d in datas] if datas is not None else []
+        self.flights.commit_write(watches, values, min(self._l1_ttl(l1_ttl), ttl), sizes)
+        if reply is FAILED:  # L1-only cache
+            return WriteResult(None, None, None)
+        seq, receivers = reply
+        if acks is None:
+            return WriteResult(seq, receivers)
+        try:
+            acks.expect(receivers)
+            yield Wait(acks, wait)
+        finally:
+            self.bus.close_acks(acks)  # type: ignore[union-attr]
+        return WriteResult(seq, receivers, min(len(acks.nodes), receivers))
 
     # -- helpers ----------------------------------------------------------------------------
 

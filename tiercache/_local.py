@@ -23,12 +23,15 @@ __all__ = ["LocalCache"]
 class LocalCache:
     """An LRU bounded by entries and, optionally, by the bytes of the values' encodings."""
 
-    __slots__ = ("_clock", "_data", "_lock", "bytes", "maxbytes", "maxsize")
+    __slots__ = ("_clock", "_data", "_lock", "accepting", "bytes", "maxbytes", "maxsize")
 
     def __init__(self, maxsize: int, maxbytes: int | None, clock: Callable[[], float]) -> None:
         self.maxsize = maxsize
         self.maxbytes = maxbytes
         self.bytes = 0
+        # False while L1 must not be trusted (the invalidation bus is not known to be healthy):
+        # puts are dropped, so with the cache emptied at the same time nothing is served.
+        self.accepting = True
         self._clock = clock
         # key -> (value, expires_at, size)
         self._data: OrderedDict[str, tuple[Any, float, int]] = OrderedDict()
@@ -53,7 +56,7 @@ class LocalCache:
 
     def put(self, key: str, value: Any, ttl: float, size: int) -> None:
         """Store ``value`` for ``ttl`` seconds; evict least recently used entries past the bounds."""
-        if ttl <= 0 or self.maxsize <= 0 or (self.maxbytes is not None and size > self.maxbytes):
+        if ttl <= 0 or not self.accepting or self.maxsize <= 0 or (self.maxbytes is not None and size > self.maxbytes):
             self.pop(key)
             return
         entry = (value, self._clock() + ttl, size)

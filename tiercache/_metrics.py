@@ -31,6 +31,11 @@ class CacheStats:
     l1_size: int
     l1_bytes: int
     in_flight: int
+    bus_connected: bool | None = None
+    """Whether the invalidation subscriber is subscribed (None: no bus, L1-only or coherent=False)."""
+    bus_messages: int = 0
+    bus_flushes: int = 0
+    bus_gaps: int = 0
 
     @property
     def hit_ratio(self) -> float:

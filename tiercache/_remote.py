@@ -12,7 +12,18 @@ import hashlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["FAILED", "Breaker", "RedisOp", "RemoteFailure", "Script", "fetch", "store", "write"]
+__all__ = [
+    "FAILED",
+    "Breaker",
+    "RedisOp",
+    "RemoteFailure",
+    "Script",
+    "fetch",
+    "publish",
+    "read_seq",
+    "store",
+    "write",
+]
 
 
 class Script:
@@ -65,18 +76,19 @@ return {v, redis.call('PTTL', KEYS[1])}
 
 # KEYS[1] the namespace's sequence counter, KEYS[2..] the value keys.
 # ARGV[1] origin node id, ARGV[2] channel, ARGV[3] 'set' or 'del', ARGV[4] ttl in ms,
-# ARGV[5..] the values (for 'set'). Redis first, then one message for the whole batch.
+# ARGV[5] ack token ('' for none), ARGV[6..] the values (for 'set').
+# Redis first, then one message for the whole batch.
 _WRITE = Script("""
 local n = #KEYS
 if ARGV[3] == 'set' then
-  for i = 2, n do redis.call('SET', KEYS[i], ARGV[i + 3], 'PX', ARGV[4]) end
+  for i = 2, n do redis.call('SET', KEYS[i], ARGV[i + 4], 'PX', ARGV[4]) end
 else
   for i = 2, n do redis.call('DEL', KEYS[i]) end
 end
 local seq = redis.call('INCR', KEYS[1])
 local keys = {}
 for i = 2, n do keys[i - 1] = KEYS[i] end
-local receivers = redis.call('PUBLISH', ARGV[2], cjson.encode({n = ARGV[1], s = seq, k = keys}))
+local receivers = redis.call('PUBLISH', ARGV[2], cjson.encode({n = ARGV[1], s = seq, k = keys, a = ARGV[5]}))
 return {seq, receivers}
 """)
 
@@ -104,13 +116,30 @@ def store(key: str, data: bytes, ttl_ms: int) -> RedisOp:
 
 
 def write(
-    seq_key: str, channel: str, node_id: str, keys: Sequence[str], values: Sequence[bytes] | None, ttl_ms: int
+    seq_key: str,
+    channel: str,
+    node_id: str,
+    keys: Sequence[str],
+    values: Sequence[bytes] | None,
+    ttl_ms: int,
+    ack_token: str = "",
 ) -> RedisOp:
-    """Set (``values``) or delete (``values=None``) ``keys``, then publish their invalidation."""
-    argv: tuple[Any, ...] = (node_id, channel, "set" if values is not None else "del", ttl_ms)
+    """Set (``values``) or delete (``values=None``) ``keys``, then publish their invalidation.
+
+    Parses to ``(seq, receivers)``: the message's sequence number and PUBLISH's count."""
+    argv: tuple[Any, ...] = (node_id, channel, "set" if values is not None else "del", ttl_ms, ack_token)
     if values is not None:
         argv += tuple(values)
     return RedisOp(("EVALSHA", _WRITE.sha, 1 + len(keys), seq_key, *keys, *argv), _parse_write, _WRITE)
+
+
+def read_seq(seq_key: str) -> RedisOp:
+    """The namespace's current sequence number (0 when no write happened yet)."""
+    return RedisOp(("GET", seq_key), lambda reply: int(reply) if reply else 0)
+
+
+def publish(channel: str, message: str) -> RedisOp:
+    return RedisOp(("PUBLISH", channel, message))
 
 
 class Breaker:

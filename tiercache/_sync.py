@@ -8,18 +8,25 @@ decides when to try Redis again.
 
 from __future__ import annotations
 
+import random
+import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError
+from redis.retry import Retry
 
-from ._flight import Flight
+from ._coherence import Bus
+from ._flight import Signal
 from ._flow import CALL, Flow, Wait
-from ._remote import RedisOp, RemoteFailure
+from ._metrics import RateLimitedLog
+from ._remote import RedisOp, RemoteFailure, publish, read_seq
 
-__all__ = ["SyncRedis", "drive"]
+__all__ = ["Subscriber", "SyncRedis", "drive"]
 
 
 class SyncRedis:
@@ -55,10 +62,10 @@ class SyncRedis:
         self.pool.disconnect()
 
 
-def wait(flight: Flight) -> None:
+def wait(signal: Signal, timeout: float | None) -> None:
     done = threading.Event()
-    if flight.add_waiter(done.set):
-        done.wait()
+    if signal.add_waiter(done.set):
+        done.wait(timeout)
 
 
 def drive(flow: Flow, remote: SyncRedis | None, call: Callable[[], Any] | None) -> Any:
@@ -75,8 +82,148 @@ def drive(flow: Flow, remote: SyncRedis | None, call: Callable[[], Any] | None) 
             if step is CALL:
                 reply = call()  # type: ignore[misc]
             elif type(step) is Wait:
-                wait(step.flight)
+                wait(step.signal, step.timeout)
             else:
                 reply = remote.execute(step)  # type: ignore[union-attr]
         except BaseException as exc:  # noqa: BLE001 - thrown into the flow, which decides
             error = exc
+
+
+class HalfOpenError(ConnectionError):
+    """The subscriber's connection stayed silent past the health deadline."""
+
+
+class Subscriber:
+    """The invalidation subscriber: one thread per cache, serving sync and async code alike.
+
+    It keeps its own connection (not redis-py's PubSub, which reconnects and resubscribes
+    silently and so would hide lost messages). Each (re)subscription is confirmed, then the
+    sequence number is read and only then is L1 trusted again (``Bus.subscribed`` flushes it).
+    Liveness: when nothing arrived for ``interval`` seconds it sends PING and requires a reply
+    within ``deadline`` seconds; a half-open socket is therefore noticed within
+    ``interval + deadline`` (the documented staleness bound), and L1 is flushed and turned off
+    until a new subscription is confirmed. The read loop only parses and evicts: nothing the
+    user wrote runs on this thread, so a burst cannot back it up into Redis's output-buffer limit.
+    """
+
+    MIN_BACKOFF = 0.05
+    MAX_BACKOFF = 2.0
+    MAX_BATCH = 1024
+
+    def __init__(
+        self, remote: SyncRedis, bus: Bus, seq_key: str, interval: float, deadline: float, log: RateLimitedLog
+    ) -> None:
+        self._remote = remote
+        self._bus = bus
+        self._seq_key = seq_key
+        self._interval = interval
+        self._deadline = deadline
+        self._log = log
+        self._stopping = threading.Event()
+        self._conn: redis.Connection | None = None
+        self._thread = threading.Thread(target=self._run, name=f"tiercache-bus-{bus.channel}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stopping.set()
+        conn = self._conn
+        if conn is not None:
+            _shutdown(conn)  # wake the read loop now rather than at its next timeout
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def _new_connection(self) -> redis.Connection:
+        pool = self._remote.pool
+        kwargs = dict(pool.connection_kwargs)
+        kwargs["socket_timeout"] = self._deadline
+        kwargs["socket_connect_timeout"] = self._deadline
+        kwargs["retry"] = Retry(NoBackoff(), 0)
+        kwargs.pop("health_check_interval", None)
+        conn: redis.Connection = pool.connection_class(**kwargs)
+        return conn
+
+    def _run(self) -> None:
+        backoff = self.MIN_BACKOFF
+        while not self._stopping.is_set():
+            conn = self._new_connection()
+            self._conn = conn
+            try:
+                conn.connect()  # type: ignore[no-untyped-call]
+                conn.send_command("SUBSCRIBE", *self._bus.channels)  # type: ignore[no-untyped-call]
+                for _ in self._bus.channels:
+                    reply = conn.read_response(push_request=True)
+                    if not (isinstance(reply, list) and reply and reply[0] == b"subscribe"):
+                        raise redis.ResponseError(f"unexpected reply to SUBSCRIBE: {reply!r}")
+                base = self._remote.execute(read_seq(self._seq_key))
+                if self._stopping.is_set():
+                    break
+                self._bus.subscribed(base)
+                backoff = self.MIN_BACKOFF
+                self._listen(conn)
+            except (redis.RedisError, OSError, RemoteFailure, ValueError) as exc:
+                if not self._stopping.is_set():
+                    cause = exc.__cause__ if isinstance(exc, RemoteFailure) else exc
+                    self._log.emit(
+                        "bus", "tiercache: invalidation subscriber lost (%r); L1 off until resubscribed", cause
+                    )
+            finally:
+                if self._bus.connected.is_set() or self._bus.last_seq is not None:
+                    self._bus.lost()
+                self._conn = None
+                _shutdown(conn)
+            # Reconnect with exponential backoff and full jitter, so many processes that lost
+            # the same server do not reconnect in lockstep.
+            self._stopping.wait(random.uniform(0, backoff))  # noqa: S311 - jitter, not crypto
+            backoff = min(backoff * 2, self.MAX_BACKOFF)
+
+    def _listen(self, conn: redis.Connection) -> None:
+        clock = time.monotonic
+        last_heard = clock()
+        ping_sent: float | None = None
+        while not self._stopping.is_set():
+            now = clock()
+            # idle: until the next PING is due; PING sent: until its reply is overdue
+            due = last_heard + self._interval if ping_sent is None else ping_sent + self._deadline
+            wait_for = due - now
+            if conn.can_read(timeout=max(wait_for, 0.0)):
+                self._drain(conn)
+                last_heard, ping_sent = clock(), None
+                continue
+            now = clock()
+            if ping_sent is None:
+                if now - last_heard >= self._interval:
+                    conn.send_command("PING")  # type: ignore[no-untyped-call]
+                    ping_sent = now
+            elif now - ping_sent >= self._deadline:
+                raise HalfOpenError(f"no reply to PING within {self._deadline} s")
+
+    def _drain(self, conn: redis.Connection) -> None:
+        """Read everything that has arrived (up to MAX_BATCH replies) and apply it as a batch."""
+        batches: dict[bytes, list[bytes]] = {}
+        for _ in range(self.MAX_BATCH):
+            reply = conn.read_response(push_request=True)
+            if isinstance(reply, list) and len(reply) == 3 and reply[0] == b"message":
+                batches.setdefault(reply[1], []).append(reply[2])
+            if not conn.can_read(timeout=0):
+                break
+        for channel, payloads in batches.items():
+            for ack_channel, body in self._bus.handle(channel, payloads):
+                try:
+                    self._remote.execute(publish(ack_channel, body))
+                except RemoteFailure:
+                    pass  # the writer's wait times out and reports fewer acknowledgements
+
+
+def _shutdown(conn: redis.Connection) -> None:
+    sock = getattr(conn, "_sock", None)
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+    try:
+        conn.disconnect()  # type: ignore[no-untyped-call]
+    except Exception:  # noqa: BLE001, S110 - closing a socket we are abandoning anyway
+        pass

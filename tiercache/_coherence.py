@@ -1,0 +1,168 @@
+"""Invalidation messages and what this process's L1 does on a message, a loss, a resubscribe.
+
+Pure: the subscriber thread (``_sync.Subscriber``) does the socket work and calls in here.
+Every write runs one Lua script that changes Redis, increments the namespace's sequence
+number and publishes ``{"n": origin node, "s": seq, "k": [keys], "a": ack token}`` on
+``tc:{namespace}:inval``. Invariant 4: L1 is trusted only while the subscriber is known to be
+subscribed; whenever that is in doubt (disconnect, half-open connection, a gap in the
+sequence) L1 is flushed, and it stays off until the subscription is confirmed again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import secrets
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from ._flight import FlightTable, Signal
+from ._metrics import RateLimitedLog
+
+__all__ = ["AckTracker", "Bus", "WriteResult"]
+
+
+@dataclasses.dataclass(frozen=True)
+class WriteResult:
+    """What a write (``set``, ``delete``, ``invalidate``, ``refresh``) reached.
+
+    Attributes:
+        seq: the namespace sequence number Redis gave the write's message (None: Redis failed,
+            or no Redis is configured).
+        receivers: how many subscribers Redis delivered the message to (PUBLISH's reply),
+            this process's own subscriber included when it is connected.
+        acknowledged: with ``wait=True``, how many of them confirmed they had applied it
+            before the call returned (equal to ``receivers`` unless the timeout passed);
+            None without ``wait``.
+    """
+
+    seq: int | None
+    receivers: int | None
+    acknowledged: int | None = None
+
+    @property
+    def complete(self) -> bool:
+        """True when every receiver acknowledged (only meaningful with ``wait=True``)."""
+        return self.receivers is not None and self.acknowledged == self.receivers
+
+
+class AckTracker(Signal):
+    """Acknowledgements of one write, awaited by the writer with ``wait=True``."""
+
+    __slots__ = ("expected", "nodes", "token")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.token = secrets.token_hex(8)
+        self.expected: int | None = None
+        self.nodes: set[str] = set()
+
+    def arrived(self, node: str) -> None:
+        self.nodes.add(node)
+        self._check()
+
+    def expect(self, receivers: int) -> None:
+        self.expected = receivers
+        self._check()
+
+    def _check(self) -> None:
+        if self.expected is not None and len(self.nodes) >= self.expected:
+            self._end()
+
+
+class Bus:
+    """The subscriber's view: whether L1 may be trusted, the last sequence seen, pending acks."""
+
+    def __init__(self, namespace: str, node_id: str, flights: FlightTable, log: RateLimitedLog) -> None:
+        self.node_id = node_id
+        self.channel = f"tc:{namespace}:inval"
+        self.ack_channel = f"tc:{namespace}:ack:{node_id}"
+        self._ack_prefix = f"tc:{namespace}:ack:"
+        self._flights = flights
+        self._log = log
+        self.last_seq: int | None = None
+        self.connected = threading.Event()
+        self.messages = 0
+        self.flushes = 0
+        self.gaps = 0
+        self._acks: dict[str, AckTracker] = {}
+        self._acks_lock = threading.Lock()
+
+    @property
+    def channels(self) -> tuple[str, str]:
+        return self.channel, self.ack_channel
+
+    # -- subscriber events ------------------------------------------------------------------
+
+    def subscribed(self, base_seq: int) -> None:
+        """The subscription is confirmed and ``base_seq`` read after it: trust L1 again,
+        starting empty (messages may have been lost while we were not subscribed)."""
+        self.last_seq = base_seq
+        self.flushes += 1
+        self._flights.flush(accepting=True)
+        self.connected.set()
+
+    def lost(self) -> None:
+        """The subscription is gone or in doubt: stop trusting L1 until resubscribed."""
+        self.connected.clear()
+        self.last_seq = None
+        self.flushes += 1
+        self._flights.flush(accepting=False)
+
+    def handle(self, channel: bytes, payloads: Sequence[bytes]) -> list[tuple[str, str]]:
+        """Apply a batch of messages from one channel; return the acks to publish (channel, body)."""
+        if channel.decode() == self.ack_channel:
+            for payload in payloads:
+                token, _, node = payload.decode().partition("|")
+                tracker = self._acks.get(token)
+                if tracker is not None:
+                    tracker.arrived(node)
+            return []
+        keys: list[str] = []
+        acks: list[tuple[str, str]] = []
+        for payload in payloads:
+            msg = self._parse(payload)
+            if msg is None:
+                continue
+            self.messages += 1
+            seq, origin, msg_keys, token = msg
+            if self.last_seq is not None and seq != self.last_seq + 1 and seq > self.last_seq:
+                # A gap: some message never reached us. Everything may be stale.
+                self.gaps += 1
+                self._log.emit("gap", "tiercache: invalidation gap (%s after %s): flushing L1", seq, self.last_seq)
+                self._flights.flush(accepting=True)
+            if self.last_seq is None or seq > self.last_seq:
+                self.last_seq = seq
+            if origin != self.node_id:  # our own writes updated our L1 already
+                keys.extend(msg_keys)
+            if token:
+                acks.append((self._ack_prefix + origin, f"{token}|{self.node_id}"))
+        if keys:
+            self._flights.evict(keys)
+        return acks
+
+    # -- writers waiting for acks -----------------------------------------------------------
+
+    def open_acks(self) -> AckTracker:
+        tracker = AckTracker()
+        with self._acks_lock:
+            self._acks[tracker.token] = tracker
+        return tracker
+
+    def close_acks(self, tracker: AckTracker) -> None:
+        with self._acks_lock:
+            self._acks.pop(tracker.token, None)
+
+    def _parse(self, payload: bytes) -> tuple[int, str, list[str], str] | None:
+        try:
+            msg: Any = json.loads(payload)
+            seq, origin, keys = int(msg["s"]), str(msg["n"]), msg["k"]
+            if not isinstance(keys, list):  # cjson encodes an empty table as {}
+                keys = []
+            return seq, origin, [str(k) for k in keys], str(msg.get("a") or "")
+        except (ValueError, KeyError, TypeError) as exc:
+            # We cannot tell what it invalidated, so anything may be stale.
+            self._log.emit("bad-message", "tiercache: malformed invalidation message (%r): flushing L1", exc)
+            self._flights.flush(accepting=True)
+            return None
