@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -175,57 +175,72 @@ def _step(title: str, *lines: str) -> None:
         print(f"   {line}")
 
 
+def _show(label: str, cache: TieredCache, call: Callable[[], Any], loads: list[str]) -> None:
+    """Make one call and say, from the cache's own counters, which tier answered it."""
+    before, loaded = cache.stats(), len(loads)
+    value, took = _timed(call)
+    after = cache.stats()
+    if len(loads) > loaded:
+        how = "computed: missed L1 and Redis; now stored in both"
+    elif after.l1_hits > before.l1_hits:
+        how = "L1 hit: no Redis round trip"
+    elif after.l2_hits > before.l2_hits:
+        how = "L2 hit: read from Redis without computing; now in this L1 too"
+    else:
+        how = "joined another caller's load"
+    print(f"   {label} = {value!r}  {_fmt(took)}  {how}")
+
+
 def _tour(backend: _Backend) -> int:
     namespace = "demo-" + uuid.uuid4().hex[:8]
     print(f"tiercache demo: Redis is {backend.label}; namespace {namespace!r}")
     cache = backend.make_cache(namespace)
     other = backend.make_cache(namespace)
-    computed: list[str] = []
+    try:
+        return _steps(backend, namespace, cache, other)
+    finally:
+        cache.close()
+        other.close()
+
+
+def _steps(backend: _Backend, namespace: str, cache: TieredCache, other: TieredCache) -> int:
+    loads: list[str] = []  # who computed what, in order
 
     def slow_square(x: int) -> int:
-        computed.append("A")
+        loads.append("A")
         time.sleep(0.2)  # stands in for a database query
         return x * x
 
-    # name= pins the function part of the key (default: module.qualname), so that process B's
-    # copy of the function below uses the same keys.
+    # name= pins the function part of the key (default: module.qualname), so that the other
+    # process's copy of the function below uses the same keys.
     square = tiered(cache, ttl=60, name="demo.slow_square")(slow_square)
 
-    _step(
-        "1. a @tiered sync function",
-        "@tiered(cache, ttl=60) def slow_square(x): sleeps 200 ms, returns x * x",
-    )
-    value, first = _timed(lambda: square(12))
-    print(f"   first call   slow_square(12) = {value}  {_fmt(first)}  (L1 miss, Redis miss: computed, stored in both)")
-    value, second = _timed(lambda: square(12))
-    print(f"   second call  slow_square(12) = {value}  {_fmt(second)}  (L1 hit: no Redis round trip, no await)")
+    _step("1. a @tiered sync function", "@tiered(cache, ttl=60) def slow_square(x): sleeps 200 ms, returns x * x")
+    _show("first call   slow_square(12)", cache, lambda: square(12), loads)
+    _show("second call  slow_square(12)", cache, lambda: square(12), loads)
 
     _step(
         "2. another process: a second TieredCache in the same namespace",
-        "In a real deployment this is another worker; here it is another TieredCache with its",
-        "own L1 and its own connection pool, and the same function decorated with it.",
+        "In production this is another worker; here it is a second TieredCache with its own L1",
+        "and connection pool, and its own copy of the function (which would compute as 'B').",
     )
 
     def slow_square_b(x: int) -> int:
-        computed.append("B")
+        loads.append("B")
         time.sleep(0.2)
         return x * x
 
     square_b = tiered(other, ttl=60, name="demo.slow_square")(slow_square_b)
-    value, took = _timed(lambda: square_b(12))
-    print(f"   other: slow_square(12) = {value}  {_fmt(took)}  computed by B: {computed.count('B')} times")
-    print(f"   other.stats(): l2_hits={other.stats().l2_hits}  (read from Redis, decoded, kept in its L1)")
-    value, took = _timed(lambda: square_b(12))
-    print(f"   again:  slow_square(12) = {value}  {_fmt(took)}  (now an L1 hit in B too)")
+    _show("other: slow_square(12)", other, lambda: square_b(12), loads)
+    _show("other: slow_square(12)", other, lambda: square_b(12), loads)
 
     _step(
         "3. an async function",
-        "@tiered(cache) async def fetch_profile(user_id): awaits 200 ms; 10 concurrent callers",
+        "@tiered(cache) async def fetch_profile(user_id): awaits 200 ms. Ten concurrent callers:",
     )
-    profile_loads: list[int] = []
 
     async def fetch_profile(user_id: int) -> dict[str, Any]:
-        profile_loads.append(user_id)
+        loads.append("profile")
         await asyncio.sleep(0.2)
         return {"id": user_id, "name": f"user{user_id}"}
 
@@ -235,45 +250,41 @@ def _tour(backend: _Backend) -> int:
         t0 = time.perf_counter()
         results = await asyncio.gather(*(profile(7) for _ in range(10)))
         took = time.perf_counter() - t0
-        print(f"   10 x await fetch_profile(7) -> {results[0]}  {_fmt(took)}  loads: {len(profile_loads)}")
-        print("   (single-flight: one caller loads, the other nine wait for its result)")
-        t0 = time.perf_counter()
-        again = await profile(7)
-        print(f"   await fetch_profile(7) again -> {again}  {_fmt(time.perf_counter() - t0)}  (L1 hit)")
-        await cache.aclose()  # closes this event loop's pool (and the sync pool; it reconnects)
+        print(f"   10 x await fetch_profile(7) = {results[0]!r}  {_fmt(took)}")
+        print(f"   computed {loads.count('profile')} time(s): one caller loads, the others wait for it (single-flight)")
+        before = cache.stats().l1_hits
+        value, took = await _atimed(profile(7))
+        how = "L1 hit: answered without an await" if cache.stats().l1_hits > before else "not an L1 hit"
+        print(f"   await fetch_profile(7) = {value!r}  {_fmt(took)}  {how}")
+        await cache.aclose()  # this event loop's pool (and the sync pool, which reconnects on use)
 
     asyncio.run(async_part())
 
+    channel = f"tc:{namespace}:inval"
     _step(
         "4. invalidate",
-        "slow_square.invalidate(12) deletes the entry in Redis and in this process's L1, and",
-        f"publishes one message on {'tc:' + namespace + ':inval'!r} for the other processes.",
+        "slow_square.invalidate(12) deletes the entry from Redis and from this process's L1,",
+        f"and publishes one message on {channel!r} for other processes.",
     )
     pubsub = backend.raw.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
-    pubsub.subscribe(f"tc:{namespace}:inval")
-    pubsub.get_message(timeout=1.0)  # the subscribe confirmation
     try:
+        pubsub.subscribe(channel)
+        pubsub.get_message(timeout=1.0)  # the subscribe confirmation
         square.invalidate(12)
         message = pubsub.get_message(timeout=2.0)
     finally:
         pubsub.close()
-    data = message["data"].decode() if message else "(none received)"
-    print(f"   message published: {data}")
-    print(f"   key in Redis after invalidate: {bool(backend.raw.exists(square.key(12)))}")
-    before = len(computed)
-    value, took = _timed(lambda: square(12))
-    print(f"   this process: slow_square(12) = {value}  {_fmt(took)}  recomputed: {len(computed) > before}")
-    time.sleep(0.1)  # give a subscriber, where there is one, time to act on the message
-    before = computed.count("B")
-    value, took = _timed(lambda: square_b(12))
-    print(f"   other process: slow_square(12) = {value}  {_fmt(took)}")
-    if computed.count("B") > before or other.stats().l2_hits > 1:
-        print("   (its L1 copy was dropped on the message, so it read the new value)")
-    else:
-        print("   (served from its own L1: nothing subscribes to the invalidation channel yet, so")
-        print("   another process's L1 copy lives until its l1_ttl ends, 60 s here; docs/guarantees.md)")
+    print(f"   message: {message['data'].decode() if message else '(none received)'}")
+    print(f"   key in Redis afterwards: {bool(backend.raw.exists(square.key(12)))}")
+    _show("this process:  slow_square(12)", cache, lambda: square(12), loads)
+    time.sleep(0.1)  # time for a subscriber, where there is one, to act on the message
+    before = other.stats().l1_hits
+    _show("other process: slow_square(12)", other, lambda: square_b(12), loads)
+    if other.stats().l1_hits > before:
+        print("   The other process answered from its own L1: nothing subscribes to the invalidation")
+        print("   channel yet, so its copy lives until its l1_ttl ends (60 s here). docs/guarantees.md")
 
-    _step("5. cache.stats(): this process's counters (monitoring, not accounting)")
+    _step("5. cache.stats(): this process's counters (for monitoring, not accounting)")
     stats = cache.stats()
     print(f"   l1_hits={stats.l1_hits} l2_hits={stats.l2_hits} misses={stats.misses} loads={stats.loads}")
     print(f"   load_errors={stats.load_errors} backend_errors={stats.backend_errors} codec_errors={stats.codec_errors}")
@@ -284,22 +295,25 @@ def _tour(backend: _Backend) -> int:
     key = square.key(12)
     stored = backend.raw.get(key)
     header = stored[:4].hex(" ") if isinstance(stored, bytes) else "(key not found)"
-    print(f"   slow_square.key(12)     = {key}")
-    print(f"   slow_square.key(x=12)   = {square.key(x=12)}  (same: arguments are bound first)")
-    print(f"   PTTL in Redis           = {backend.raw.pttl(key)} ms  (ttl=60)")
-    print(f"   envelope header (hex)   = {header}  (magic c7, format 1, serializer 1 = msgpack, flags)")
-    cache.set("user:1", {"name": "Ada"})
-    print(f"   cache.key('user:1')     = {cache.key('user:1')}  (what cache.set/get use)")
-    print(f"   fetch_profile.key(7)    = {profile.key(7)}")
+    print(f"   slow_square.key(12)    = {key}")
+    print(f"   slow_square.key(x=12)  = {square.key(x=12)}  (the same call)")
+    print(f"   fetch_profile.key(7)   = {profile.key(7)}")
+    print(f"   cache.key('user:1')    = {cache.key('user:1')}  (cache.get/set/delete keys)")
+    print(f"   PTTL of the first key  = {backend.raw.pttl(key)} ms  (ttl=60 s)")
+    print(f"   its value's header     = {header}  (magic c7, envelope v1, serializer 1 = msgpack, flags)")
 
-    cache.close()
-    other.close()
     errors = cache.stats().backend_errors + other.stats().backend_errors
     if errors:
         print(f"\n{errors} Redis calls failed during the demo (the cache failed open); see the log above.")
         return 1
-    print("\nDone. Docs: docs/index.md; tests: ./scripts/test.sh")
+    print("\nDone. Docs: docs/index.md. Tests: ./scripts/test.sh")
     return 0
+
+
+async def _atimed(awaitable: Awaitable[Any]) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    value = await awaitable
+    return value, time.perf_counter() - t0
 
 
 def demo(*, fake: bool = False) -> int:

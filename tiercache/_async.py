@@ -8,7 +8,7 @@ works across successive event loops.
 from __future__ import annotations
 
 import asyncio
-import weakref
+import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -26,7 +26,7 @@ __all__ = ["AsyncRedis", "drive"]
 class AsyncRedis:
     """Executes RedisOps on a ``redis.asyncio`` pool of the running event loop."""
 
-    __slots__ = ("_fixed", "_make_pool", "_pools")
+    __slots__ = ("_fixed", "_lock", "_make_pool", "_pools")
 
     def __init__(
         self,
@@ -35,9 +35,10 @@ class AsyncRedis:
     ) -> None:
         self._make_pool = make_pool
         self._fixed = pool
-        self._pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, redis.asyncio.ConnectionPool] = (
-            weakref.WeakKeyDictionary()
-        )
+        # Strong references: a loop that ended (asyncio.run returned) stays here until its
+        # pool's sockets are closed by _discard_closed(), instead of leaking them to the GC.
+        self._pools: dict[asyncio.AbstractEventLoop, redis.asyncio.ConnectionPool] = {}
+        self._lock = threading.Lock()
 
     def _pool(self) -> redis.asyncio.ConnectionPool:
         if self._fixed is not None:
@@ -46,8 +47,18 @@ class AsyncRedis:
         pool = self._pools.get(loop)
         if pool is None:
             assert self._make_pool is not None
-            pool = self._pools[loop] = self._make_pool()
+            self.discard_closed()
+            with self._lock:
+                pool = self._pools[loop] = self._make_pool()
         return pool
+
+    def discard_closed(self) -> None:
+        """Close the sockets of pools whose event loop has closed (nothing can await them now)."""
+        with self._lock:
+            closed = [loop for loop in self._pools if loop.is_closed()]
+            pools = [self._pools.pop(loop) for loop in closed]
+        for pool in pools:
+            _close_sockets(pool)
 
     async def execute(self, op: RedisOp) -> Any:
         pool = self._pool()
@@ -74,11 +85,32 @@ class AsyncRedis:
         return reply if op.parse is None else op.parse(reply)
 
     async def aclose(self) -> None:
-        """Disconnect the pool of the running loop; pools of other (finished) loops are dropped."""
-        pool = self._fixed if self._fixed is not None else self._pools.get(asyncio.get_running_loop())
-        self._pools.clear()
+        """Disconnect the pool of the running loop, and close what finished loops left."""
+        if self._fixed is not None:
+            await self._fixed.disconnect()
+            return
+        with self._lock:
+            pool = self._pools.pop(asyncio.get_running_loop(), None)
         if pool is not None:
             await pool.disconnect()
+        self.discard_closed()
+
+
+def _close_sockets(pool: redis.asyncio.ConnectionPool) -> None:
+    """Close a dead loop's connections without that loop (whose transports cannot run)."""
+    conns = [*getattr(pool, "_available_connections", ()), *getattr(pool, "_in_use_connections", ())]
+    for conn in conns:
+        writer = getattr(conn, "_writer", None)
+        transport = getattr(writer, "transport", None)
+        sock = getattr(transport, "_sock", None)
+        try:
+            if sock is not None:
+                sock.close()
+                transport._sock = None  # type: ignore[union-attr]
+                transport._closing = True  # type: ignore[union-attr]
+        except Exception:  # noqa: BLE001, S110 - best effort on sockets nobody can use any more
+            pass
+        conn._reader = conn._writer = None
 
 
 async def _quietly(awaitable: Awaitable[Any]) -> None:

@@ -231,6 +231,8 @@ class TieredCache:
             self._subscriber.stop()
         if self._sync is not None:
             self._sync.close()
+        if self._async is not None:
+            self._async.discard_closed()
 
     async def aclose(self) -> None:
         """Disconnect the pool of the running event loop, then ``close()``."""

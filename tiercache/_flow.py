@@ -80,6 +80,9 @@ class Core:
         self.has_remote = has_remote
         self.strict = strict
         self.clock = clock
+        #: How long a miss's lease lives: a load slower than this still answers its callers,
+        #: but its result is not stored in Redis.
+        self.lease_ms = 30_000
         self.node_id = secrets.token_hex(8)
         self.channel = f"tc:{namespace}:inval"
         self.seq_key = f"tc:{namespace}:seq"
@@ -155,8 +158,9 @@ class Core:
         return value
 
     def _load(self, flight: Flight, key: str, ttl: float | None, l1_ttl: float | None, load: bool) -> Flow:
-        found = yield from self._remote(_remote.fetch(key))
-        if found is not None and found is not FAILED:
+        token = secrets.token_hex(8) if load else ""
+        found = yield from self._remote(_remote.fetch(key, token, self.lease_ms))
+        if isinstance(found, tuple):
             data, pttl = found
             try:
                 value = self.codec.decode(key, data)
@@ -182,7 +186,9 @@ class Core:
         if data is None:
             return value
         ttl_s = self.ttl if ttl is None else ttl
-        yield from self._remote(_remote.store(key, data, _ms(ttl_s)))
+        if found is True and not flight.dirty:
+            # invariant 3: lands only if no write or invalidation of the key came since the miss
+            yield from self._remote(_remote.fill(key, token, data, _ms(ttl_s)))
         # invariant 2: fill() keeps a load overtaken by an invalidation out of L1
         self.flights.fill(flight, value, min(self._l1_ttl(l1_ttl), ttl_s), len(data))
         return value

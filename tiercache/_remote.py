@@ -20,8 +20,9 @@ __all__ = [
     "Script",
     "fetch",
     "publish",
+    "fill",
+    "lease_key",
     "read_seq",
-    "store",
     "write",
 ]
 
@@ -68,36 +69,58 @@ class _Failed:
 #: What a remote step returns to the flow when Redis failed (and strict mode is off).
 FAILED: Any = _Failed()
 
+# KEYS[1] the value, KEYS[2] its lease. ARGV[1] a lease token ('' for none), ARGV[2] lease ms.
+# A hit answers {value, pttl}; a miss answers 1 when it took the lease, 0 when not.
 _READ = Script("""
 local v = redis.call('GET', KEYS[1])
-if not v then return false end
-return {v, redis.call('PTTL', KEYS[1])}
+if v then return {v, redis.call('PTTL', KEYS[1])} end
+if ARGV[1] ~= '' and redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+return 0
 """)
 
-# KEYS[1] the namespace's sequence counter, KEYS[2..] the value keys.
+# KEYS[1] the value, KEYS[2] its lease. ARGV[1] token, ARGV[2] bytes, ARGV[3] ttl ms.
+# Invariant 3: the fill lands only while the lease taken on the miss is still ours; any write
+# or invalidation of the key since then deleted the lease, so a stale fill is refused.
+_FILL = Script("""
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.call('DEL', KEYS[2])
+return 1
+""")
+
+# KEYS[1] the namespace's sequence counter, then (value key, lease key) pairs.
 # ARGV[1] origin node id, ARGV[2] channel, ARGV[3] 'set' or 'del', ARGV[4] ttl in ms,
 # ARGV[5] ack token ('' for none), ARGV[6..] the values (for 'set').
-# Redis first, then one message for the whole batch.
+# Redis first (deleting the leases, so loads in flight cannot fill over this write), then
+# one message for the whole batch.
 _WRITE = Script("""
-local n = #KEYS
-if ARGV[3] == 'set' then
-  for i = 2, n do redis.call('SET', KEYS[i], ARGV[i + 4], 'PX', ARGV[4]) end
-else
-  for i = 2, n do redis.call('DEL', KEYS[i]) end
+local keys = {}
+for i = 2, #KEYS, 2 do
+  local n = #keys + 1
+  keys[n] = KEYS[i]
+  if ARGV[3] == 'set' then
+    redis.call('SET', KEYS[i], ARGV[5 + n], 'PX', ARGV[4])
+  else
+    redis.call('DEL', KEYS[i])
+  end
+  redis.call('DEL', KEYS[i + 1])
 end
 local seq = redis.call('INCR', KEYS[1])
-local keys = {}
-for i = 2, n do keys[i - 1] = KEYS[i] end
 local receivers = redis.call('PUBLISH', ARGV[2], cjson.encode({n = ARGV[1], s = seq, k = keys, a = ARGV[5]}))
 return {seq, receivers}
 """)
 
 
-def _parse_fetch(reply: Any) -> tuple[bytes, int] | None:
-    if not reply:
-        return None
-    data, pttl = reply
-    return data, int(pttl)
+def lease_key(key: str) -> str:
+    """The lease of ``key``: after the key's ``{hash tag}``, so both share a Redis Cluster slot."""
+    return key + ":lease"
+
+
+def _parse_fetch(reply: Any) -> tuple[bytes, int] | bool:
+    if isinstance(reply, list):
+        data, pttl = reply
+        return data, int(pttl)
+    return bool(reply)
 
 
 def _parse_write(reply: Any) -> tuple[int, int]:
@@ -105,14 +128,16 @@ def _parse_write(reply: Any) -> tuple[int, int]:
     return int(seq), int(receivers)
 
 
-def fetch(key: str) -> RedisOp:
-    """GET and PTTL of ``key`` in one round trip; parses to ``(bytes, pttl_ms)`` or None."""
-    return RedisOp(("EVALSHA", _READ.sha, 1, key), _parse_fetch, _READ)
+def fetch(key: str, token: str = "", lease_ms: int = 0) -> RedisOp:
+    """GET and PTTL of ``key`` in one round trip, taking its lease on a miss when ``token``.
+
+    Parses to ``(bytes, pttl_ms)`` on a hit, else to whether the lease was taken."""
+    return RedisOp(("EVALSHA", _READ.sha, 2, key, lease_key(key), token, lease_ms), _parse_fetch, _READ)
 
 
-def store(key: str, data: bytes, ttl_ms: int) -> RedisOp:
-    """A fill after a miss: SET with expiry and no broadcast (a fill changes nothing others hold)."""
-    return RedisOp(("SET", key, data, "PX", ttl_ms))
+def fill(key: str, token: str, data: bytes, ttl_ms: int) -> RedisOp:
+    """Store a load's result if the lease ``token`` is still valid; parses to whether it landed."""
+    return RedisOp(("EVALSHA", _FILL.sha, 2, key, lease_key(key), token, data, ttl_ms), bool, _FILL)
 
 
 def write(
@@ -130,7 +155,8 @@ def write(
     argv: tuple[Any, ...] = (node_id, channel, "set" if values is not None else "del", ttl_ms, ack_token)
     if values is not None:
         argv += tuple(values)
-    return RedisOp(("EVALSHA", _WRITE.sha, 1 + len(keys), seq_key, *keys, *argv), _parse_write, _WRITE)
+    pairs = [k for key in keys for k in (key, lease_key(key))]
+    return RedisOp(("EVALSHA", _WRITE.sha, 1 + len(pairs), seq_key, *pairs, *argv), _parse_write, _WRITE)
 
 
 def read_seq(seq_key: str) -> RedisOp:

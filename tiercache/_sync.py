@@ -162,7 +162,7 @@ class Subscriber:
                 self._bus.subscribed(base)
                 backoff = self.MIN_BACKOFF
                 self._listen(conn)
-            except (redis.RedisError, OSError, RemoteFailure, ValueError) as exc:
+            except Exception as exc:  # noqa: BLE001 - this thread must outlive anything a socket does
                 if not self._stopping.is_set():
                     cause = exc.__cause__ if isinstance(exc, RemoteFailure) else exc
                     self._log.emit(

@@ -1,0 +1,330 @@
+"""Coherence between caches on one real Redis: the invalidation bus, its races and its faults.
+
+Several TieredCache instances in one process stand for several processes here (each has its
+own node id, L1 and subscriber); tests/integration/test_coherence_processes.py uses real
+processes.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from tests.conftest import Mode, RedisServer
+from tests.integration.tcp_proxy import TcpProxy
+from tiercache import TieredCache, tiered
+
+pytestmark = pytest.mark.redis
+
+
+def eventually(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.005) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+@pytest.fixture
+def make_cache(redis_server: RedisServer, namespace: str) -> Iterator[Callable[..., TieredCache]]:
+    caches: list[TieredCache] = []
+
+    def make(url: str | None = None, **kwargs: Any) -> TieredCache:
+        kwargs.setdefault("namespace", namespace)
+        cache = TieredCache(url or redis_server.url, **kwargs)
+        caches.append(cache)
+        return cache
+
+    yield make
+    for cache in caches:
+        cache.close()
+
+
+def test_l1_is_not_served_until_the_subscription_is_confirmed(make_cache: Callable[..., TieredCache]) -> None:
+    from tests.conftest import free_port
+
+    dead = make_cache(f"redis://127.0.0.1:{free_port()}/0", connect_timeout=0.05)
+    calls = []
+
+    @tiered(dead)
+    def f(x: int) -> int:
+        calls.append(x)
+        return x
+
+    for _ in range(5):
+        assert f(1) == 1
+    assert len(calls) == 5, "with no confirmed subscription every call must bypass L1"
+    assert dead.stats().l1_size == 0
+    assert dead.stats().bus_connected is False
+    assert not dead.ready(0.2)
+
+
+def test_coherent_false_serves_l1_without_a_bus(make_cache: Callable[..., TieredCache]) -> None:
+    cache = make_cache(coherent=False)
+    calls = []
+
+    @tiered(cache)
+    def f(x: int) -> int:
+        calls.append(x)
+        return x
+
+    assert f(1) == f(1) == 1
+    assert calls == [1]
+    assert cache.stats().bus_connected is None
+
+
+def test_invalidate_with_wait_reaches_every_node_before_returning(
+    make_cache: Callable[..., TieredCache], mode: Mode
+) -> None:
+    writer, reader = make_cache(), make_cache()
+    assert writer.ready() and reader.ready()
+    truth = {"v": 1}
+    fw = tiered(writer, name="coh.f")(mode.fn(lambda x: truth["v"]))
+    fr = tiered(reader, name="coh.f")(mode.fn(lambda x: truth["v"]))
+    assert mode.call(fr, 0) == 1
+    assert reader._core.local.ttl_left(fr.key(0)) is not None  # in the reader's L1
+    truth["v"] = 2
+    api = mode.api(writer)
+    result = mode.run(api.invalidate(fw.key(0), wait=True))
+    assert result.seq is not None and result.receivers == 2
+    assert result.acknowledged == 2 and result.complete
+    # No sleep: the reader has applied it already.
+    assert reader._core.local.ttl_left(fr.key(0)) is None
+    assert mode.call(fr, 0) == 2
+
+
+def test_set_and_delete_reach_the_other_node(make_cache: Callable[..., TieredCache], mode: Mode) -> None:
+    a, b = make_cache(), make_cache()
+    assert a.ready() and b.ready()
+    mode.run(mode.api(a).set("k", "one", wait=True))
+    assert mode.run(mode.api(b).get("k")) == "one"
+    assert mode.run(mode.api(b).get("k")) == "one"
+    assert b.stats().l1_hits >= 1
+    mode.run(mode.api(a).set("k", "two", wait=True))
+    assert mode.run(mode.api(b).get("k")) == "two"
+    result = mode.run(mode.api(a).delete("k", wait=True))
+    assert result.acknowledged == result.receivers == 2
+    assert mode.run(mode.api(b).get("k", "gone")) == "gone"
+
+
+def test_without_wait_the_other_node_converges_within_milliseconds(make_cache: Callable[..., TieredCache]) -> None:
+    a, b = make_cache(), make_cache()
+    assert a.ready() and b.ready()
+    a.set("k", 1)
+    assert b.get("k") == 1
+    start = time.monotonic()
+    a.set("k", 2)
+    assert eventually(lambda: b._core.local.ttl_left(b.key("k")) is None, timeout=1.0)
+    assert time.monotonic() - start < 1.0
+    assert b.get("k") == 2
+
+
+def test_own_messages_are_recognised_by_node_id(make_cache: Callable[..., TieredCache]) -> None:
+    a = make_cache()
+    assert a.ready()
+    result = a.set("k", "mine", wait=True)  # our own subscriber has processed our own message
+    assert result.acknowledged == result.receivers == 1
+    assert a.stats().bus_messages >= 1
+    before = a.stats().l1_hits
+    assert a.get("k") == "mine"
+    assert a.stats().l1_hits == before + 1, "own message must not evict our own fresh write"
+
+
+@pytest.mark.parametrize("where", ["other-node", "same-node"])
+def test_fill_race_a_load_overtaken_by_an_invalidation_stays_out_of_l1(
+    make_cache: Callable[..., TieredCache], mode: Mode, where: str
+) -> None:
+    """The loader blocks until the invalidation has been applied: 0 stale L1 entries."""
+    reader = make_cache()
+    writer = reader if where == "same-node" else make_cache()
+    assert reader.ready() and writer.ready()
+    started, release = threading.Event(), threading.Event()
+    loads = []
+
+    def body(x: int) -> str:
+        loads.append(x)
+        if len(loads) == 1:
+            started.set()
+            assert release.wait(10)
+            return "old"
+        return "new"
+
+    f = tiered(reader, name="coh.race")(mode.fn(body))
+    results: list[Any] = []
+
+    def first_call() -> None:
+        m = Mode(mode.name)
+        try:
+            results.append(m.call(f, 0))
+        finally:
+            m.close()
+
+    t = threading.Thread(target=first_call)
+    t.start()
+    assert started.wait(10)
+    result = writer.invalidate(f.key(0), wait=True)
+    assert result.acknowledged == result.receivers
+    release.set()
+    t.join(10)
+    assert results == ["old"], "the overtaken load still answers its own caller"
+    assert reader._core.local.ttl_left(f.key(0)) is None, "but its result must not enter L1"
+    assert mode.call(f, 0) == "new"
+    assert len(loads) == 2
+
+
+def test_a_sequence_gap_flushes_l1(make_cache: Callable[..., TieredCache], redis_server: RedisServer) -> None:
+    cache = make_cache()
+    assert cache.ready()
+    cache.set("k", 1, wait=True)
+    assert cache._core.local.ttl_left(cache.key("k")) is not None
+    bus = cache._core.bus
+    assert bus is not None and bus.last_seq is not None
+    skipped = json.dumps({"n": "someone-else", "s": bus.last_seq + 5, "k": ["unrelated"], "a": ""})
+    redis_server.client().publish(bus.channel, skipped)
+    assert eventually(lambda: cache.stats().bus_gaps == 1)
+    assert cache._core.local.ttl_left(cache.key("k")) is None
+    assert bus.last_seq is not None and bus.last_seq >= 5
+
+
+def test_a_malformed_message_flushes_l1(make_cache: Callable[..., TieredCache], redis_server: RedisServer) -> None:
+    cache = make_cache()
+    assert cache.ready()
+    cache.set("k", 1, wait=True)
+    bus = cache._core.bus
+    assert bus is not None
+    redis_server.client().publish(bus.channel, b"\x00garbage")
+    assert eventually(lambda: cache._core.local.ttl_left(cache.key("k")) is None)
+    assert cache.get("k") == 1  # still correct, from Redis
+
+
+def test_killed_subscriber_connection_flushes_and_resubscribes(
+    make_cache: Callable[..., TieredCache], redis_server: RedisServer
+) -> None:
+    cache = make_cache()
+    assert cache.ready()
+    cache.set("k", 1, wait=True)
+    flushes = cache.stats().bus_flushes
+    killed = redis_server.client().client_kill_filter(_type="pubsub")
+    assert killed >= 1
+    assert eventually(lambda: cache.stats().bus_flushes >= flushes + 2)  # lost, then resubscribed
+    assert cache._core.local.ttl_left(cache.key("k")) is None
+    assert cache.ready(5)
+    assert cache.get("k") == 1
+
+
+def test_half_open_subscriber_is_detected_within_the_staleness_bound(
+    make_cache: Callable[..., TieredCache], redis_server: RedisServer
+) -> None:
+    proxy = TcpProxy(redis_server.port)
+    try:
+        bound = 0.4
+        cache = make_cache(proxy.url, staleness_bound=bound, socket_timeout=0.2)
+        assert cache.ready()
+        cache.set("k", 1)
+        assert cache._core.local.ttl_left(cache.key("k")) is not None
+        frozen_at = time.monotonic()
+        proxy.freeze()
+        assert eventually(lambda: not cache._core.bus.connected.is_set(), timeout=bound * 3)  # type: ignore[union-attr]
+        detected = time.monotonic() - frozen_at
+        assert detected <= bound + 0.25, f"half-open link noticed after {detected:.3f} s, bound {bound} s"
+        assert cache._core.local.ttl_left(cache.key("k")) is None
+        proxy.thaw()
+        assert cache.ready(10)
+    finally:
+        proxy.close()
+
+
+def test_wait_reports_fewer_acks_when_a_receiver_is_frozen(
+    make_cache: Callable[..., TieredCache], redis_server: RedisServer
+) -> None:
+    proxy = TcpProxy(redis_server.port)
+    try:
+        writer = make_cache()
+        frozen = make_cache(proxy.url, staleness_bound=30.0)
+        assert writer.ready() and frozen.ready()
+        proxy.freeze()
+        start = time.monotonic()
+        result = writer.delete("k", wait=True, timeout=0.3)
+        elapsed = time.monotonic() - start
+        assert result.receivers == 2
+        assert result.acknowledged == 1 and not result.complete
+        assert 0.25 <= elapsed < 2.0
+    finally:
+        proxy.thaw()
+        proxy.close()
+
+
+def test_wait_is_answered_when_redis_fails(make_cache: Callable[..., TieredCache]) -> None:
+    from tests.conftest import free_port
+
+    cache = make_cache(f"redis://127.0.0.1:{free_port()}/0", connect_timeout=0.05)
+    result = cache.delete("k", wait=True, timeout=0.2)
+    assert result.seq is None and result.receivers is None
+
+
+def test_messages_carry_keys_and_node_never_values(
+    make_cache: Callable[..., TieredCache], redis_server: RedisServer, namespace: str
+) -> None:
+    cache = make_cache()
+    assert cache.ready()
+    sub = redis.Redis(port=redis_server.port).pubsub()
+    sub.subscribe(f"tc:{namespace}:inval")
+    assert eventually(lambda: sub.get_message(timeout=0.05) is not None)
+    cache.set("k", "SECRET-VALUE")
+    cache.delete("a", "b", "c")
+    seen = []
+    deadline = time.monotonic() + 5
+    while len(seen) < 2 and time.monotonic() < deadline:
+        msg = sub.get_message(timeout=0.1)
+        if msg and msg["type"] == "message":
+            seen.append(json.loads(msg["data"]))
+    sub.close()
+    assert len(seen) == 2
+    assert b"SECRET" not in json.dumps(seen).encode()
+    assert seen[0]["k"] == [cache.key("k")] and seen[0]["n"] == cache._core.node_id
+    assert seen[1]["k"] == [cache.key(k) for k in "abc"], "one message for the whole batch"
+    assert seen[1]["s"] == seen[0]["s"] + 1
+
+
+def test_stale_fill_is_refused_by_the_lease_even_without_the_bus(
+    make_cache: Callable[..., TieredCache], redis_server: RedisServer, mode: Mode
+) -> None:
+    """Invariant 3 in Redis itself: the reader hears nothing (coherent=False), so only the
+    lease can stop its load, computed before the invalidation, from landing after it."""
+    reader = make_cache(coherent=False)
+    writer = make_cache()
+    started, release = threading.Event(), threading.Event()
+
+    def body(x: int) -> str:
+        started.set()
+        assert release.wait(10)
+        return "old"
+
+    f = tiered(reader, name="coh.lease")(mode.fn(body))
+    results: list[Any] = []
+
+    def first_call() -> None:
+        m = Mode(mode.name)
+        try:
+            results.append(m.call(f, 0))
+        finally:
+            m.close()
+
+    t = threading.Thread(target=first_call)
+    t.start()
+    assert started.wait(10)
+    raw = redis_server.client()
+    assert raw.exists(f.key(0) + ":lease") == 1, "the miss took the lease"
+    writer.invalidate(f.key(0))
+    assert raw.exists(f.key(0) + ":lease") == 0, "the invalidation deleted the lease"
+    release.set()
+    t.join(10)
+    assert results == ["old"]
+    assert raw.get(f.key(0)) is None, "a fill computed before the invalidation must not land after it"
