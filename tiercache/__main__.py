@@ -197,6 +197,9 @@ def _tour(backend: _Backend) -> int:
     cache = backend.make_cache(namespace)
     other = backend.make_cache(namespace)
     try:
+        # Each cache runs an invalidation subscriber; L1 serves nothing until it is subscribed.
+        ready = cache.ready(timeout=5) and other.ready(timeout=5)
+        print(f"invalidation subscribers ready: {ready} (until then calls skip L1; see cache.ready())")
         return _steps(backend, namespace, cache, other)
     finally:
         cache.close()
@@ -256,33 +259,43 @@ def _steps(backend: _Backend, namespace: str, cache: TieredCache, other: TieredC
         value, took = await _atimed(profile(7))
         how = "L1 hit: answered without an await" if cache.stats().l1_hits > before else "not an L1 hit"
         print(f"   await fetch_profile(7) = {value!r}  {_fmt(took)}  {how}")
-        await cache.aclose()  # this event loop's pool (and the sync pool, which reconnects on use)
+        # No aclose() here: it would close the whole cache. The pool this event loop used is
+        # closed by cache.close() at the end, once the loop has finished.
 
     asyncio.run(async_part())
 
     channel = f"tc:{namespace}:inval"
     _step(
         "4. invalidate",
-        "slow_square.invalidate(12) deletes the entry from Redis and from this process's L1,",
-        f"and publishes one message on {channel!r} for other processes.",
+        "slow_square.invalidate(12) deletes the entry from Redis and from this process's L1, and",
+        f"publishes one message on {channel!r}: every subscribed process evicts its L1 copy.",
     )
     pubsub = backend.raw.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+    heard = other.stats().bus_messages
     try:
         pubsub.subscribe(channel)
         pubsub.get_message(timeout=1.0)  # the subscribe confirmation
-        square.invalidate(12)
+        result = square.invalidate(12)
         message = pubsub.get_message(timeout=2.0)
     finally:
         pubsub.close()
-    print(f"   message: {message['data'].decode() if message else '(none received)'}")
+    print(f"   returned: {result}  (receivers: the subscribers Redis delivered it to)")
+    print(f"   message:  {message['data'].decode() if message else '(none received)'}")
     print(f"   key in Redis afterwards: {bool(backend.raw.exists(square.key(12)))}")
+    deadline = time.monotonic() + 2
+    while other.stats().bus_messages == heard and time.monotonic() < deadline:
+        time.sleep(0.005)  # the other subscriber applies the message on its own thread
     _show("this process:  slow_square(12)", cache, lambda: square(12), loads)
-    time.sleep(0.1)  # time for a subscriber, where there is one, to act on the message
     before = other.stats().l1_hits
     _show("other process: slow_square(12)", other, lambda: square_b(12), loads)
     if other.stats().l1_hits > before:
-        print("   The other process answered from its own L1: nothing subscribes to the invalidation")
-        print("   channel yet, so its copy lives until its l1_ttl ends (60 s here). docs/guarantees.md")
+        print("   The other process still answered from its L1: its subscriber had not applied the")
+        print("   message (is it connected? other.stats().bus_connected). docs/guarantees.md")
+    else:
+        print("   The other process had dropped its L1 copy on the message, so it read Redis again.")
+    written = cache.set("user:1", {"name": "Ada"}, wait=True)
+    print(f"   cache.set('user:1', ..., wait=True) -> {written}")
+    print("   (wait=True returns once every subscriber acknowledged applying the write, or after a timeout)")
 
     _step("5. cache.stats(): this process's counters (for monitoring, not accounting)")
     stats = cache.stats()
@@ -290,6 +303,8 @@ def _steps(backend: _Backend, namespace: str, cache: TieredCache, other: TieredC
     print(f"   load_errors={stats.load_errors} backend_errors={stats.backend_errors} codec_errors={stats.codec_errors}")
     print(f"   not_cached={stats.not_cached} l1_size={stats.l1_size} l1_bytes={stats.l1_bytes}")
     print(f"   in_flight={stats.in_flight} hit_ratio={stats.hit_ratio:.2f}")
+    print(f"   bus_connected={stats.bus_connected} bus_messages={stats.bus_messages}", end=" ")
+    print(f"bus_flushes={stats.bus_flushes} bus_gaps={stats.bus_gaps}")
 
     _step("6. the keys in Redis: .key() gives the exact key a call uses")
     key = square.key(12)

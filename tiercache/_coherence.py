@@ -2,25 +2,27 @@
 
 Pure: the subscriber thread (``_sync.Subscriber``) does the socket work and calls in here.
 Every write runs one Lua script that changes Redis, increments the namespace's sequence
-number and publishes ``{"n": origin node, "s": seq, "k": [keys], "a": ack token}`` on
-``tc:{namespace}:inval``. Invariant 4: L1 is trusted only while the subscriber is known to be
-subscribed; whenever that is in doubt (disconnect, half-open connection, a gap in the
-sequence) L1 is flushed, and it stays off until the subscription is confirmed again.
+number and publishes ``{"n": origin node, "s": seq, "k": [keys], "a": ack list}`` on
+``tc:{namespace}:inval``. For a ``wait=True`` write every receiver pushes its node id onto the
+ack list once it has applied the message.
+
+Invariant 4: L1 is trusted only while the subscriber is known to be subscribed; whenever
+that is in doubt (disconnect, half-open connection, a gap in the sequence, a malformed
+message) L1 is flushed, and it stays off until the subscription is confirmed again.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import secrets
 import threading
 from collections.abc import Sequence
 from typing import Any
 
-from ._flight import FlightTable, Signal
+from ._flight import FlightTable
 from ._metrics import RateLimitedLog
 
-__all__ = ["AckTracker", "Bus", "WriteResult"]
+__all__ = ["Bus", "WriteResult"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,38 +49,12 @@ class WriteResult:
         return self.receivers is not None and self.acknowledged == self.receivers
 
 
-class AckTracker(Signal):
-    """Acknowledgements of one write, awaited by the writer with ``wait=True``."""
-
-    __slots__ = ("expected", "nodes", "token")
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.token = secrets.token_hex(8)
-        self.expected: int | None = None
-        self.nodes: set[str] = set()
-
-    def arrived(self, node: str) -> None:
-        self.nodes.add(node)
-        self._check()
-
-    def expect(self, receivers: int) -> None:
-        self.expected = receivers
-        self._check()
-
-    def _check(self) -> None:
-        if self.expected is not None and len(self.nodes) >= self.expected:
-            self._end()
-
-
 class Bus:
     """The subscriber's view: whether L1 may be trusted, the last sequence seen, pending acks."""
 
     def __init__(self, namespace: str, node_id: str, flights: FlightTable, log: RateLimitedLog) -> None:
         self.node_id = node_id
         self.channel = f"tc:{namespace}:inval"
-        self.ack_channel = f"tc:{namespace}:ack:{node_id}"
-        self._ack_prefix = f"tc:{namespace}:ack:"
         self._flights = flights
         self._log = log
         self.last_seq: int | None = None
@@ -86,12 +62,10 @@ class Bus:
         self.messages = 0
         self.flushes = 0
         self.gaps = 0
-        self._acks: dict[str, AckTracker] = {}
-        self._acks_lock = threading.Lock()
 
     @property
-    def channels(self) -> tuple[str, str]:
-        return self.channel, self.ack_channel
+    def channels(self) -> tuple[str]:
+        return (self.channel,)
 
     # -- subscriber events ------------------------------------------------------------------
 
@@ -110,24 +84,17 @@ class Bus:
         self.flushes += 1
         self._flights.flush(accepting=False)
 
-    def handle(self, channel: bytes, payloads: Sequence[bytes]) -> list[tuple[str, str]]:
-        """Apply a batch of messages from one channel; return the acks to publish (channel, body)."""
-        if channel.decode() == self.ack_channel:
-            for payload in payloads:
-                token, _, node = payload.decode().partition("|")
-                tracker = self._acks.get(token)
-                if tracker is not None:
-                    tracker.arrived(node)
-            return []
+    def handle(self, payloads: Sequence[bytes]) -> list[str]:
+        """Apply a batch of messages; return the ack lists to push this node's id onto."""
         keys: list[str] = []
-        acks: list[tuple[str, str]] = []
+        acks: list[str] = []
         for payload in payloads:
             msg = self._parse(payload)
             if msg is None:
                 continue
             self.messages += 1
-            seq, origin, msg_keys, token = msg
-            if self.last_seq is not None and seq != self.last_seq + 1 and seq > self.last_seq:
+            seq, origin, msg_keys, ack_key = msg
+            if self.last_seq is not None and seq > self.last_seq + 1:
                 # A gap: some message never reached us. Everything may be stale.
                 self.gaps += 1
                 self._log.emit("gap", "tiercache: invalidation gap (%s after %s): flushing L1", seq, self.last_seq)
@@ -136,23 +103,11 @@ class Bus:
                 self.last_seq = seq
             if origin != self.node_id:  # our own writes updated our L1 already
                 keys.extend(msg_keys)
-            if token:
-                acks.append((self._ack_prefix + origin, f"{token}|{self.node_id}"))
+            if ack_key:
+                acks.append(ack_key)
         if keys:
             self._flights.evict(keys)
         return acks
-
-    # -- writers waiting for acks -----------------------------------------------------------
-
-    def open_acks(self) -> AckTracker:
-        tracker = AckTracker()
-        with self._acks_lock:
-            self._acks[tracker.token] = tracker
-        return tracker
-
-    def close_acks(self, tracker: AckTracker) -> None:
-        with self._acks_lock:
-            self._acks.pop(tracker.token, None)
 
     def _parse(self, payload: bytes) -> tuple[int, str, list[str], str] | None:
         try:

@@ -233,36 +233,48 @@ class Core:
         ``wait`` (seconds): also wait until every subscriber that received the message has
         acknowledged applying it, or until that many seconds passed.
         """
-        acks = self.bus.open_acks() if wait is not None and self.bus is not None else None
+        ack_key = f"tc:{self.namespace}:ack:{secrets.token_hex(8)}" if wait is not None else ""
         watches = self.flights.watch(keys)
-        op = _remote.write(self.seq_key, self.channel, self.node_id, keys, datas, _ms(ttl), acks.token if acks else "")
+        op = _remote.write(self.seq_key, self.channel, self.node_id, keys, datas, _ms(ttl), ack_key)
         try:
             reply = yield from self._remote(op)
         except BaseException:
             self.flights.abort_write(watches)
-            if acks is not None:
-                self.bus.close_acks(acks)  # type: ignore[union-attr]
             raise
         if reply is FAILED and self.has_remote:
             # Not in Redis, so not in L1 either; other nodes keep what they had until their TTL
             # or their next message (fail open cannot tell them).
             self.flights.abort_write(watches)
-            if acks is not None:
-                self.bus.close_acks(acks)  # type: ignore[union-attr]
             return WriteResult(None, None, None)
         sizes = [len(d) for d in datas] if datas is not None else []
         self.flights.commit_write(watches, values, min(self._l1_ttl(l1_ttl), ttl), sizes)
         if reply is FAILED:  # L1-only cache
             return WriteResult(None, None, None)
         seq, receivers = reply
-        if acks is None:
+        if wait is None:
             return WriteResult(seq, receivers)
-        try:
-            acks.expect(receivers)
-            yield Wait(acks, wait)
-        finally:
-            self.bus.close_acks(acks)  # type: ignore[union-attr]
-        return WriteResult(seq, receivers, min(len(acks.nodes), receivers))
+        acknowledged = yield from self._await_acks(ack_key, receivers, wait)
+        return WriteResult(seq, receivers, acknowledged)
+
+    def _await_acks(self, ack_key: str, expected: int, timeout: float) -> Flow:
+        """Collect up to ``expected`` acknowledgements from the write's list within ``timeout``.
+
+        They wait in Redis, so none is lost while this process's own subscriber reconnects.
+        BLPOP blocks in short slices, well inside the socket timeout of the connection."""
+        acked = 0
+        deadline = self.clock() + timeout
+        while acked < expected:
+            left = deadline - self.clock()
+            if left <= 0:
+                break
+            got = yield from self._remote(_remote.await_ack(ack_key, min(left, 0.1)))
+            if got is FAILED:
+                break
+            acked += got
+            if got and acked < expected:
+                more = yield from self._remote(_remote.take_acks(ack_key, expected - acked))
+                acked += 0 if more is FAILED else more
+        return min(acked, expected)
 
     # -- helpers ----------------------------------------------------------------------------
 

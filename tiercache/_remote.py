@@ -18,11 +18,14 @@ __all__ = [
     "RedisOp",
     "RemoteFailure",
     "Script",
+    "ack",
+    "await_ack",
     "fetch",
     "publish",
     "fill",
     "lease_key",
     "read_seq",
+    "take_acks",
     "write",
 ]
 
@@ -90,7 +93,8 @@ return 1
 
 # KEYS[1] the namespace's sequence counter, then (value key, lease key) pairs.
 # ARGV[1] origin node id, ARGV[2] channel, ARGV[3] 'set' or 'del', ARGV[4] ttl in ms,
-# ARGV[5] ack token ('' for none), ARGV[6..] the values (for 'set').
+# ARGV[5] the list receivers push their acknowledgement on ('' for none), ARGV[6..] the
+# values (for 'set').
 # Redis first (deleting the leases, so loads in flight cannot fill over this write), then
 # one message for the whole batch.
 _WRITE = Script("""
@@ -147,16 +151,39 @@ def write(
     keys: Sequence[str],
     values: Sequence[bytes] | None,
     ttl_ms: int,
-    ack_token: str = "",
+    ack_key: str = "",
 ) -> RedisOp:
     """Set (``values``) or delete (``values=None``) ``keys``, then publish their invalidation.
 
     Parses to ``(seq, receivers)``: the message's sequence number and PUBLISH's count."""
-    argv: tuple[Any, ...] = (node_id, channel, "set" if values is not None else "del", ttl_ms, ack_token)
+    argv: tuple[Any, ...] = (node_id, channel, "set" if values is not None else "del", ttl_ms, ack_key)
     if values is not None:
         argv += tuple(values)
     pairs = [k for key in keys for k in (key, lease_key(key))]
     return RedisOp(("EVALSHA", _WRITE.sha, 1 + len(pairs), seq_key, *pairs, *argv), _parse_write, _WRITE)
+
+
+# A subscriber's acknowledgement of a message that asked for one (a ``wait=True`` write):
+# pushed onto the write's own list, which expires on its own if the writer stopped waiting.
+_ACK = Script("""
+redis.call('RPUSH', KEYS[1], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+""")
+
+
+def ack(ack_key: str, node_id: str, keep_ms: int = 30_000) -> RedisOp:
+    return RedisOp(("EVALSHA", _ACK.sha, 1, ack_key, node_id, keep_ms), None, _ACK)
+
+
+def await_ack(ack_key: str, timeout: float) -> RedisOp:
+    """Block up to ``timeout`` seconds for one acknowledgement; parses to 1 or 0."""
+    return RedisOp(("BLPOP", ack_key, f"{timeout:.3f}"), lambda reply: 1 if reply else 0)
+
+
+def take_acks(ack_key: str, count: int) -> RedisOp:
+    """Take up to ``count`` acknowledgements that are already there; parses to how many."""
+    return RedisOp(("LPOP", ack_key, count), lambda reply: len(reply) if reply else 0)
 
 
 def read_seq(seq_key: str) -> RedisOp:

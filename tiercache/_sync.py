@@ -24,7 +24,7 @@ from ._coherence import Bus
 from ._flight import Signal
 from ._flow import CALL, Flow, Wait
 from ._metrics import RateLimitedLog
-from ._remote import RedisOp, RemoteFailure, publish, read_seq
+from ._remote import RedisOp, RemoteFailure, ack, read_seq
 
 __all__ = ["Subscriber", "SyncRedis", "drive"]
 
@@ -201,19 +201,18 @@ class Subscriber:
 
     def _drain(self, conn: redis.Connection) -> None:
         """Read everything that has arrived (up to MAX_BATCH replies) and apply it as a batch."""
-        batches: dict[bytes, list[bytes]] = {}
+        payloads: list[bytes] = []
         for _ in range(self.MAX_BATCH):
             reply = conn.read_response(push_request=True)
             if isinstance(reply, list) and len(reply) == 3 and reply[0] == b"message":
-                batches.setdefault(reply[1], []).append(reply[2])
+                payloads.append(reply[2])
             if not conn.can_read(timeout=0):
                 break
-        for channel, payloads in batches.items():
-            for ack_channel, body in self._bus.handle(channel, payloads):
-                try:
-                    self._remote.execute(publish(ack_channel, body))
-                except RemoteFailure:
-                    pass  # the writer's wait times out and reports fewer acknowledgements
+        for ack_key in self._bus.handle(payloads):
+            try:
+                self._remote.execute(ack(ack_key, self._bus.node_id))
+            except RemoteFailure:
+                pass  # the writer's wait times out and reports fewer acknowledgements
 
 
 def _shutdown(conn: redis.Connection) -> None:
