@@ -52,6 +52,12 @@ class AsyncRedis:
                 pool = self._pools[loop] = self._make_pool()
         return pool
 
+    def forget_pools(self) -> None:
+        """After a fork: drop (without closing: the parent still uses those sockets) the pools."""
+        self._lock = threading.Lock()
+        _FORGOTTEN.append(self._pools)  # never collected, so never closed from the child
+        self._pools = {}
+
     def discard_closed(self) -> None:
         """Close the sockets of pools whose event loop has closed (nothing can await them now)."""
         with self._lock:
@@ -111,6 +117,9 @@ def _close_sockets(pool: redis.asyncio.ConnectionPool) -> None:
         except Exception:  # noqa: BLE001, S110 - best effort on sockets nobody can use any more
             pass
         conn._reader = conn._writer = None
+
+
+_FORGOTTEN: list[Any] = []
 
 
 async def _quietly(awaitable: Awaitable[Any]) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
+import weakref
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
@@ -150,13 +152,11 @@ class TieredCache:
             strict=strict,
             clock=clock,
         )
+        self._staleness_bound = staleness_bound
+        self._closed = False
         self._subscriber: _sync.Subscriber | None = None
-        if self._core.bus is not None and self._sync is not None:
-            half = staleness_bound / 2
-            self._subscriber = _sync.Subscriber(
-                self._sync, self._core.bus, self._core.seq_key, half, half, self._core.log
-            )
-            self._subscriber.start()
+        self._start_subscriber()
+        _LIVE.add(self)
         self.aio = AsyncCacheView(self)
         """The same cache with ``async`` methods: ``await cache.aio.get(key)``."""
 
@@ -224,9 +224,29 @@ class TieredCache:
         """Counters and sizes of this cache in this process."""
         return self._core.stats()
 
+    def _start_subscriber(self) -> None:
+        if self._core.bus is not None and self._sync is not None:
+            half = self._staleness_bound / 2
+            self._subscriber = _sync.Subscriber(
+                self._sync, self._core.bus, self._core.seq_key, half, half, self._core.log
+            )
+            self._subscriber.start()
+
+    def _after_fork_in_child(self) -> None:
+        """A forked child has none of the parent's threads: no subscriber, and locks that may
+        have been held at the fork. Start clean: L1 off and empty until the child's own
+        subscriber confirms a subscription (invariant 4), then served again."""
+        self._core.reset_after_fork()
+        if self._async is not None:
+            self._async.forget_pools()  # the parent's event loops do not run here
+        if not self._closed:
+            self._start_subscriber()
+
     def close(self) -> None:
         """Stop the subscriber and disconnect the sync pool (``await cache.aclose()`` also
         disconnects the running event loop's pool). L1 is not served after this."""
+        self._closed = True
+        _LIVE.discard(self)
         if self._subscriber is not None:
             self._subscriber.stop()
         if self._sync is not None:
@@ -305,6 +325,18 @@ class AsyncCacheView:
     async def aclose(self) -> None:
         """Same as ``await cache.aclose()``."""
         await self._cache.aclose()
+
+
+_LIVE: weakref.WeakSet[TieredCache] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    for cache in list(_LIVE):
+        cache._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
 
 
 def _positive(name: str, value: float | None, *, allow_zero: bool = False, optional: bool = False) -> None:

@@ -88,6 +88,12 @@ class FlightTable:
     def __len__(self) -> int:
         return len(self._flights)
 
+    def reset(self) -> None:
+        """After a fork: the loads and writes in flight belonged to threads that are gone."""
+        self._lock = threading.Lock()
+        self._flights = {}
+        self._watches = {}
+
     def lead_or_join(self, key: str) -> tuple[Flight, bool]:
         """The flight for ``key`` and whether the caller leads it (must load) or joins it."""
         with self._lock:

@@ -12,6 +12,7 @@ before a generator is ever made.
 from __future__ import annotations
 
 import secrets
+import threading
 from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
@@ -94,6 +95,17 @@ class Core:
         #: subscriber confirms a subscription, L1 takes no entries (invariant 4).
         self.bus = Bus(namespace, self.node_id, self.flights, self.log) if has_remote and coherent else None
         if self.bus is not None:
+            self.flights.flush(accepting=False)
+
+    def reset_after_fork(self) -> None:
+        """In a forked child: fresh locks and tables (the parent's threads are gone), L1 off."""
+        self.local.reset_lock()
+        self.flights.reset()
+        self.node_id = secrets.token_hex(8)  # the parent's id would make us ignore its messages
+        if self.bus is not None:
+            self.bus.node_id = self.node_id
+            self.bus.connected = threading.Event()
+            self.bus.last_seq = None
             self.flights.flush(accepting=False)
 
     def stats(self) -> CacheStats:

@@ -40,6 +40,10 @@ class LocalCache:
     def __len__(self) -> int:
         return len(self._data)
 
+    def reset_lock(self) -> None:
+        """After a fork (another thread may have held the lock at that moment)."""
+        self._lock = threading.Lock()
+
     def get(self, key: str) -> Any:
         """The live value under ``key`` (and mark it recently used), else MISSING."""
         entry = self._data.get(key)

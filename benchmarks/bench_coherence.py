@@ -1,0 +1,347 @@
+"""Coherence benchmark: how fast an invalidation reaches other processes, and what the bus costs.
+
+Starts its own throwaway redis-server on a free loopback port, then:
+
+1. propagation latency: a writer process invalidates a key at a fixed rate (default 1,000/s);
+   3 reader processes record when their subscriber *applied* each message (CLOCK_MONOTONIC,
+   shared by all processes on Linux). Latency = applied - the moment the writer called
+   ``invalidate``. Once with idle readers, once with readers busy calling a @tiered function
+   on their main thread (competing with the subscriber thread for the GIL).
+2. stale reads: readers call a @tiered function over a truth counter while the writer bumps it
+   and invalidates; calls that started after ``invalidate`` returned and still saw the old value.
+3. ``wait=True`` latency: invalidate and wait for every subscriber's acknowledgement.
+4. the throughput cost of coherence: L1-hit calls/s with the bus on and with ``coherent=False``,
+   and the miss path in each.
+
+Usage: python benchmarks/bench_coherence.py [--quick] [--rate 1000] [--seconds 3] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import redis  # noqa: E402
+
+from tiercache import TieredCache, tiered  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    def __init__(self) -> None:
+        binary = os.environ.get("TIERCACHE_REDIS_SERVER") or shutil.which("redis-server")
+        if not binary:
+            raise SystemExit("redis-server not found on PATH (apt-get install redis-server)")
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="tiercache-bench-")
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", self.dir, "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if redis.Redis(port=self.port).ping():
+                    break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+
+# -- processes -----------------------------------------------------------------------------
+
+
+def reader(url: str, namespace: str, busy: bool, seconds: float, ready: Any, results: Any) -> None:
+    """Records when each invalidation message was applied by this process's subscriber."""
+    cache = TieredCache(url, namespace=namespace)
+    bus = cache._core.bus
+    assert bus is not None
+    applied: dict[int, float] = {}
+    handle = bus.handle
+
+    def timed_handle(payloads: Any) -> Any:
+        acks = handle(payloads)
+        now = time.monotonic()
+        for payload in payloads:
+            applied[json.loads(payload)["s"]] = now
+        return acks
+
+    bus.handle = timed_handle  # type: ignore[method-assign]
+    cache.ready(10)
+
+    @tiered(cache, name="bench.busy")
+    def work(x: int) -> int:
+        return x
+
+    ready.put(1)
+    end = time.monotonic() + seconds + 1.0
+    calls = 0
+    while time.monotonic() < end:
+        if busy:
+            for i in range(1000):
+                work(i % 100)
+            calls += 1000
+        else:
+            time.sleep(0.01)
+    results.put({"applied": applied, "busy_calls": calls})
+    cache.close()
+
+
+def run_latency(url: str, rate: int, seconds: float, busy: bool, readers: int = 3) -> dict[str, Any]:
+    namespace = f"lat{os.getpid()}{int(busy)}"
+    ctx = mp.get_context("spawn")
+    ready, results = ctx.Queue(), ctx.Queue()
+    procs = [ctx.Process(target=reader, args=(url, namespace, busy, seconds, ready, results)) for _ in range(readers)]
+    for p in procs:
+        p.start()
+    for _ in procs:
+        ready.get(timeout=30)
+    writer = TieredCache(url, namespace=namespace)
+    writer.ready(10)
+    sent: dict[int, float] = {}
+    interval = 1.0 / rate
+    next_at = time.monotonic()
+    end = next_at + seconds
+    while next_at < end:
+        now = time.monotonic()
+        if now < next_at:
+            time.sleep(max(0.0, next_at - now - 0.0002))
+            while time.monotonic() < next_at:
+                pass
+        started = time.monotonic()
+        seq = writer.invalidate(f"tc:{namespace}:v1:k:{{x}}").seq
+        if seq is not None:
+            sent[seq] = started
+        next_at += interval
+    achieved = len(sent) / seconds
+    outs = [results.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(30)
+    writer.close()
+    latencies = [
+        (t - sent[seq]) * 1e3 for out in outs for seq, t in out["applied"].items() if seq in sent
+    ]
+    missing = sum(1 for out in outs for seq in sent if seq not in out["applied"])
+    return {
+        "busy": busy,
+        "rate_target": rate,
+        "rate_achieved": round(achieved),
+        "samples": len(latencies),
+        "not_applied": missing,
+        "p50_ms": round(statistics.median(latencies), 3),
+        "p99_ms": round(percentile(latencies, 99), 3),
+        "max_ms": round(max(latencies), 3),
+        "reader_calls_per_s": round(sum(o["busy_calls"] for o in outs) / (seconds + 1.0)),
+    }
+
+
+def stale_reader(url: str, truth_port: int, namespace: str, seconds: float, ready: Any, results: Any) -> None:
+    truth = redis.Redis(port=truth_port)
+    cache = TieredCache(url, namespace=namespace)
+
+    @tiered(cache, name="bench.truth")
+    def read(k: int) -> int:
+        return int(truth.get(f"truth:{namespace}") or 0)
+
+    cache.ready(10)
+    read(0)
+    ready.put(1)
+    last_start: dict[int, float] = {}
+    end = time.monotonic() + seconds + 0.5
+    while time.monotonic() < end:
+        t = time.monotonic()
+        last_start[read(0)] = t
+    results.put({"last_start": last_start, "l1_hits": cache.stats().l1_hits})
+    cache.close()
+
+
+def run_stale(server: Server, seconds: float, readers: int = 3) -> dict[str, Any]:
+    namespace = f"stale{os.getpid()}"
+    ctx = mp.get_context("spawn")
+    ready, results = ctx.Queue(), ctx.Queue()
+    procs = [
+        ctx.Process(target=stale_reader, args=(server.url, server.port, namespace, seconds, ready, results))
+        for _ in range(readers)
+    ]
+    for p in procs:
+        p.start()
+    for _ in procs:
+        ready.get(timeout=30)
+    truth = redis.Redis(port=server.port)
+    writer = TieredCache(server.url, namespace=namespace)
+    writer.ready(10)
+
+    @tiered(writer, name="bench.truth")
+    def read(k: int) -> int:
+        raise AssertionError
+
+    key = read.key(0)
+    returned: dict[int, float] = {}
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        version = int(truth.incr(f"truth:{namespace}"))
+        writer.invalidate(key)
+        returned[version] = time.monotonic()
+        time.sleep(0.002)
+    outs = [results.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(30)
+    writer.close()
+    lateness = []
+    for out in outs:
+        for value, start in out["last_start"].items():
+            newer = returned.get(int(value) + 1)
+            if newer is not None and start > newer:
+                lateness.append((start - newer) * 1e3)
+    return {
+        "invalidations": len(returned),
+        "reader_l1_hits": sum(o["l1_hits"] for o in outs),
+        "calls_started_after_return_with_old_value": len(lateness),
+        "worst_lateness_ms": round(max(lateness), 3) if lateness else 0.0,
+    }
+
+
+def run_wait(url: str, n: int, readers: int = 3) -> dict[str, Any]:
+    namespace = f"wait{os.getpid()}"
+    others = [TieredCache(url, namespace=namespace) for _ in range(readers)]
+    writer = TieredCache(url, namespace=namespace)
+    for c in [*others, writer]:
+        c.ready(10)
+    plain, waited = [], []
+    complete = 0
+    for i in range(n):
+        key = f"tc:{namespace}:v1:k:{{w{i % 50}}}"
+        t = time.perf_counter()
+        writer.invalidate(key)
+        plain.append((time.perf_counter() - t) * 1e6)
+        t = time.perf_counter()
+        result = writer.invalidate(key, wait=True)
+        waited.append((time.perf_counter() - t) * 1e6)
+        complete += result.complete
+    for c in [*others, writer]:
+        c.close()
+    return {
+        "subscribers": readers + 1,
+        "invalidate_p50_us": round(statistics.median(plain), 1),
+        "invalidate_wait_p50_us": round(statistics.median(waited), 1),
+        "invalidate_wait_p99_us": round(percentile(waited, 99), 1),
+        "complete": f"{complete}/{n}",
+    }
+
+
+def run_throughput(url: str, seconds: float) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for coherent in (True, False):
+        cache = TieredCache(url, namespace=f"tp{os.getpid()}{int(coherent)}", coherent=coherent)
+        cache.ready(10)
+
+        @tiered(cache)
+        def f(x: int) -> int:
+            return x
+
+        for i in range(100):
+            f(i)
+        samples = []
+        for _ in range(7):
+            n = 0
+            t = time.perf_counter()
+            while time.perf_counter() - t < seconds / 7:
+                for i in range(100):
+                    f(i)
+                n += 100
+            samples.append(n / (time.perf_counter() - t))
+        miss = []
+        for rep in range(5):
+            t = time.perf_counter()
+            for i in range(300):
+                f(10_000 + rep * 1000 + i)
+            miss.append((time.perf_counter() - t) / 300 * 1e6)
+        name = "bus" if coherent else "no_bus"
+        out[f"l1_hits_per_s_{name}"] = round(statistics.median(samples))
+        out[f"miss_us_{name}"] = round(statistics.median(miss), 1)
+        cache.close()
+    out["l1_hit_cost_of_bus"] = round(out["l1_hits_per_s_no_bus"] / out["l1_hits_per_s_bus"], 3)
+    out["miss_cost_of_bus"] = round(out["miss_us_bus"] / out["miss_us_no_bus"], 3)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="short runs (smoke test)")
+    parser.add_argument("--rate", type=int, default=1000, help="invalidations per second")
+    parser.add_argument("--seconds", type=float, default=3.0, help="length of each latency run")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+    seconds = 1.0 if args.quick else args.seconds
+    server = Server()
+    report: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "redis_server": redis.Redis(port=server.port).info()["redis_version"],
+        "redis_py": redis.__version__,
+        "cpus": os.cpu_count(),
+    }
+    try:
+        report["latency_idle"] = run_latency(server.url, args.rate, seconds, busy=False)
+        report["latency_busy"] = run_latency(server.url, args.rate, seconds, busy=True)
+        report["stale"] = run_stale(server, seconds)
+        report["wait"] = run_wait(server.url, 200 if args.quick else 1000)
+        report["throughput"] = run_throughput(server.url, 1.0 if args.quick else 3.0)
+    finally:
+        server.stop()
+    print(f"python {report['python']}, redis-server {report['redis_server']}, redis-py {report['redis_py']}, "
+          f"{report['cpus']} cpus")
+    print("\npropagation latency, 3 reader processes, writer call -> reader subscriber applied (ms)")
+    print(f"{'readers':<8} {'rate/s':>8} {'samples':>8} {'lost':>5} {'p50':>8} {'p99':>8} {'max':>8}")
+    for name in ("latency_idle", "latency_busy"):
+        r = report[name]
+        print(f"{'busy' if r['busy'] else 'idle':<8} {r['rate_achieved']:>8} {r['samples']:>8} "
+              f"{r['not_applied']:>5} {r['p50_ms']:>8} {r['p99_ms']:>8} {r['max_ms']:>8}")
+    s = report["stale"]
+    print(f"\nstale reads: {s['calls_started_after_return_with_old_value']} calls started after invalidate "
+          f"returned still saw the old value (worst {s['worst_lateness_ms']} ms late), "
+          f"over {s['invalidations']} invalidations and {s['reader_l1_hits']} reader L1 hits")
+    w = report["wait"]
+    print(f"\nwait=True with {w['subscribers']} subscribers: p50 {w['invalidate_wait_p50_us']} us, "
+          f"p99 {w['invalidate_wait_p99_us']} us (plain invalidate p50 {w['invalidate_p50_us']} us), "
+          f"complete {w['complete']}")
+    t = report["throughput"]
+    print(f"\ncost of coherence: L1 hits/s {t['l1_hits_per_s_bus']:,} with the bus, "
+          f"{t['l1_hits_per_s_no_bus']:,} without (x{t['l1_hit_cost_of_bus']}); "
+          f"miss {t['miss_us_bus']} us vs {t['miss_us_no_bus']} us (x{t['miss_cost_of_bus']})")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
