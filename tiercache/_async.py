@@ -19,6 +19,7 @@ from redis.exceptions import NoScriptError
 from ._flight import Signal
 from ._flow import CALL, Flow, Wait
 from ._remote import RedisOp, RemoteFailure
+from .errors import ConfigError
 
 __all__ = ["AsyncRedis", "drive"]
 
@@ -67,6 +68,11 @@ class AsyncRedis:
             _close_sockets(pool)
 
     async def execute(self, op: RedisOp) -> Any:
+        if self._fixed is None and self._make_pool is None:
+            raise ConfigError(
+                "async calls need async_client=redis.asyncio.Redis(...) here: the sync client= "
+                "uses a connection class tiercache cannot mirror for asyncio"
+            )
         pool = self._pool()
         try:
             conn = await pool.get_connection()  # type: ignore[no-untyped-call]
@@ -74,8 +80,12 @@ class AsyncRedis:
             raise RemoteFailure() from exc
         try:
             try:
-                await conn.send_command(*op.args)
-                reply = await conn.read_response()
+                if op.more:
+                    await conn.send_packed_command(conn.pack_commands([op.args, *op.more]))
+                    reply = [await conn.read_response() for _ in range(1 + len(op.more))]
+                else:
+                    await conn.send_command(*op.args)
+                    reply = await conn.read_response()
             except NoScriptError:
                 await conn.send_command(*op.fallback_args())
                 reply = await conn.read_response()

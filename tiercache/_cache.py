@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import math
 import os
@@ -21,18 +23,15 @@ from . import _async, _sync
 from ._codec import Codec, MsgpackSerializer
 from ._coherence import WriteResult
 from ._flow import Core
-from ._keys import user_key, validate_namespace
+from ._keys import FORMAT_VERSION, user_key, validate_namespace
 from ._local import LocalCache
 from ._metrics import CacheStats
 from ._types import MISSING, Serializer
-from .errors import ConfigError
+from .errors import ConfigError, KeyEncodingError
 
 __all__ = ["AsyncCacheView", "TieredCache"]
 
 logger = logging.getLogger("tiercache")
-
-# Connection settings an async pool can copy from a sync client's pool.
-_PORTABLE = ("host", "port", "path", "db", "username", "password", "client_name", "protocol")
 
 
 class TieredCache:
@@ -151,12 +150,13 @@ class TieredCache:
             coherent=coherent,
             strict=strict,
             clock=clock,
+            block_slice=min(0.1, socket_timeout / 2),
         )
         self._staleness_bound = staleness_bound
         self._closed = False
         self._subscriber: _sync.Subscriber | None = None
         self._start_subscriber()
-        _LIVE.add(self)
+        _track_for_fork(self)
         self.aio = AsyncCacheView(self)
         """The same cache with ``async`` methods: ``await cache.aio.get(key)``."""
 
@@ -217,7 +217,7 @@ class TieredCache:
             ``cache.invalidate(get_user.key(42), wait=True)`` returns once every process has
             dropped its copy of ``get_user(42)``.
         """
-        flow = self._core.delete(redis_keys, self._wait(wait, timeout))
+        flow = self._core.delete(self._own(redis_keys), self._wait(wait, timeout))
         return _sync.drive(flow, self._sync, None)  # type: ignore[no-any-return]
 
     def stats(self) -> CacheStats:
@@ -274,6 +274,16 @@ class TieredCache:
     ) -> None:
         await self.aclose()
 
+    def _own(self, redis_keys: tuple[str, ...]) -> tuple[str, ...]:
+        prefix = f"tc:{self.namespace}:{FORMAT_VERSION}:"
+        for k in redis_keys:
+            if not isinstance(k, str) or not k.startswith(prefix) or k.endswith(":lease"):
+                raise KeyEncodingError(
+                    f"invalidate({k!r}): not a key of namespace {self.namespace!r}; pass f.key(...) "
+                    "of a decorated function or cache.key(user_key), or use cache.delete(user_key)"
+                )
+        return redis_keys
+
     def _wait(self, wait: bool, timeout: float | None) -> float | None:
         _positive("timeout", timeout, allow_zero=True, optional=True)
         if not wait:
@@ -319,8 +329,15 @@ class AsyncCacheView:
     async def invalidate(self, *redis_keys: str, wait: bool = False, timeout: float | None = None) -> WriteResult:
         """Remove entries by their Redis keys from Redis and from the L1 of every process."""
         c = self._cache
-        flow = c._core.delete(redis_keys, c._wait(wait, timeout))
+        flow = c._core.delete(c._own(redis_keys), c._wait(wait, timeout))
         return await _async.drive(flow, c._async, None)  # type: ignore[no-any-return]
+
+    async def ready(self, timeout: float = 5.0) -> bool:
+        """``cache.ready()`` without blocking the event loop."""
+        bus = self._cache._core.bus
+        if bus is None or bus.connected.is_set():
+            return True
+        return await asyncio.to_thread(bus.connected.wait, timeout)
 
     async def aclose(self) -> None:
         """Same as ``await cache.aclose()``."""
@@ -328,6 +345,7 @@ class AsyncCacheView:
 
 
 _LIVE: weakref.WeakSet[TieredCache] = weakref.WeakSet()
+_fork_hook_registered = False
 
 
 def _after_fork() -> None:
@@ -335,8 +353,13 @@ def _after_fork() -> None:
         cache._after_fork_in_child()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork)
+def _track_for_fork(cache: TieredCache) -> None:
+    """Registers the at-fork hook with the first cache, not at import (no import side effects)."""
+    global _fork_hook_registered  # noqa: PLW0603 - one process-wide hook
+    _LIVE.add(cache)
+    if not _fork_hook_registered and hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=_after_fork)
+        _fork_hook_registered = True
 
 
 def _positive(name: str, value: float | None, *, allow_zero: bool = False, optional: bool = False) -> None:
@@ -388,13 +411,43 @@ def _connect(
             raise ConfigError("async_client= must be created with decode_responses=False")
         return _sync.SyncRedis(sync_pool), _async.AsyncRedis(pool=async_client.connection_pool)
 
-    def make_async_pool() -> redis.asyncio.ConnectionPool:
-        retry = AsyncRetry(NoBackoff(), 0)
-        if async_url is not None:
-            return redis.asyncio.BlockingConnectionPool.from_url(async_url, retry=retry, **common)
-        kwargs = {k: v for k, v in sync_pool.connection_kwargs.items() if k in _PORTABLE}
-        if "path" in kwargs:
-            kwargs["connection_class"] = redis.asyncio.UnixDomainSocketConnection
-        return redis.asyncio.BlockingConnectionPool(retry=retry, **common, **kwargs)
+    if async_url is not None:
 
-    return _sync.SyncRedis(sync_pool), _async.AsyncRedis(make_pool=make_async_pool)
+        def make_async_pool() -> redis.asyncio.ConnectionPool:
+            retry = AsyncRetry(NoBackoff(), 0)
+            return redis.asyncio.BlockingConnectionPool.from_url(async_url, retry=retry, **common)
+
+        return _sync.SyncRedis(sync_pool), _async.AsyncRedis(make_pool=make_async_pool)
+    return _sync.SyncRedis(sync_pool), _async.AsyncRedis(make_pool=_async_twin(sync_pool, common))
+
+
+def _async_twin(sync_pool: redis.ConnectionPool, common: dict[str, Any]) -> Callable[[], Any] | None:
+    """A factory of async pools connecting where ``client=``'s pool connects, with the same
+    settings (TLS included), or None for a connection class we do not know (e.g. fakeredis):
+    async calls then raise ConfigError asking for ``async_client=`` rather than guessing."""
+    twin = {
+        redis.Connection: redis.asyncio.Connection,
+        redis.SSLConnection: redis.asyncio.SSLConnection,
+        redis.UnixDomainSocketConnection: redis.asyncio.UnixDomainSocketConnection,
+    }.get(sync_pool.connection_class)
+    if twin is None:
+        return None
+    accepted: set[str] = set()
+    for klass in twin.__mro__:
+        init = vars(klass).get("__init__")
+        if init is not None and klass is not object:
+            accepted |= set(inspect.signature(init).parameters)
+    skip = {"retry", "self", "event_dispatcher", "redis_connect_func", "parser_class"}
+    kwargs = {k: v for k, v in sync_pool.connection_kwargs.items() if k in accepted and k not in skip}
+    kwargs.update({k: common[k] for k in ("socket_timeout", "socket_connect_timeout")})
+
+    def make() -> redis.asyncio.ConnectionPool:
+        return redis.asyncio.BlockingConnectionPool(
+            connection_class=twin,
+            retry=AsyncRetry(NoBackoff(), 0),
+            max_connections=common["max_connections"],
+            timeout=common["timeout"],
+            **kwargs,
+        )
+
+    return make

@@ -371,7 +371,16 @@ class Codec:
                     raise CodecError(f"{key}: decompressed value exceeds {self._max_decoded} bytes")
                 return bytes(out)
             if compression == _ZSTD and self._zstd is not None:
-                return bytes(self._zstd.ZstdDecompressor().decompress(body, max_output_size=self._max_decoded))
+                # A stream reader honours the limit even when the frame declares a huge size.
+                reader = self._zstd.ZstdDecompressor().stream_reader(body)
+                chunks: list[bytes] = []
+                total = 0
+                while chunk := reader.read(min(1 << 20, self._max_decoded + 1 - total)):
+                    total += len(chunk)
+                    if total > self._max_decoded:
+                        raise CodecError(f"{key}: decompressed value exceeds {self._max_decoded} bytes")
+                    chunks.append(chunk)
+                return b"".join(chunks)
         except CodecError:
             raise
         except Exception as exc:

@@ -4,7 +4,8 @@ How ``self`` enters the key: a function defined in a class body whose first para
 named ``self`` is a method, and ``self`` is left out of the key — every instance shares the
 entries — unless the instance's class defines ``__tiercache_key__(self)``, whose result is
 then part of the key. ``cls`` of a classmethod is part of the key (as the class's
-qualified name), as is every other argument.
+qualified name), as is every other argument. Put ``@tiered`` above ``@classmethod`` and
+``@staticmethod`` (outermost), so its helpers bind the same way the call does.
 """
 
 from __future__ import annotations
@@ -41,20 +42,18 @@ class _Tiered:
         key: Callable[..., Any] | None,
         name: str | None,
     ) -> None:
-        self._is_method = _defined_in_class(fn) and _first_param(fn) == "self"
         self._fn = fn
+        self._custom_key = key
         self._cache = cache
         self._core = cache._core
         self._local = cache._core.local
         self._counters = cache._core.counters
         self._ttl = ttl
         self._l1_ttl = l1_ttl
-        prefix = function_prefix(cache.namespace, name or f"{fn.__module__}.{fn.__qualname__}")
+        self._prefix = function_prefix(cache.namespace, name or f"{fn.__module__}.{fn.__qualname__}")
         self._keyfn: _KeyFn
-        if key is None:
-            self._keyfn = KeyMaker(fn, prefix, skip_first=self._is_method)
-        else:
-            self._keyfn = _custom_key(key, cache.namespace, prefix)
+        self._binding = ""
+        self._bind("method" if _defined_in_class(fn) and _first_param(fn) == "self" else "function")
         self._hints_pending = True
         self._register_return_types()
         functools.update_wrapper(self, fn)  # type: ignore[arg-type]
@@ -78,11 +77,30 @@ class _Tiered:
         if "return" in hints:
             register(hints["return"])
 
+    def _bind(self, binding: str) -> None:
+        """How the function attaches to a class: "function" (plain or static), "method"
+        (``self`` first, left out of the key) or "class" (``cls`` first, part of the key)."""
+        if binding == self._binding:
+            return
+        self._binding = binding
+        if self._custom_key is None:
+            self._keyfn = KeyMaker(self._fn, self._prefix, skip_first=binding == "method")
+        else:
+            self._keyfn = _custom_key(self._custom_key, self._cache.namespace, self._prefix)
+
     def __set_name__(self, owner: type, name: str) -> None:
-        self._is_method = _first_param(self._fn) == "self" and owner.__dict__.get(name) is self
+        # Only reached when we are the class attribute ourselves (classmethod and staticmethod
+        # objects do not forward __set_name__), e.g. ``m = tiered(cache)(some_function)``.
+        if owner.__dict__.get(name) is self and self._binding != "class":
+            self._bind("method" if _first_param(self._fn) == "self" else "function")
 
     def __get__(self, instance: Any, owner: type | None = None) -> Any:
-        if instance is None or not self._is_method:
+        if self._binding == "class":
+            return _Bound(self, owner if owner is not None else type(instance))
+        if instance is not None and instance is owner:
+            # classmethod(tiered(f)) on Python < 3.13 binds through us with (cls, cls).
+            return _Bound(self, owner)
+        if instance is None or self._binding != "method":
             return self
         return _Bound(self, instance)
 
@@ -227,14 +245,19 @@ class _Decorator:
 
     def __call__(self, fn: Callable[..., Any]) -> Any:
         wrapper: type[_Tiered]
+        binding = None
         if isinstance(fn, (staticmethod, classmethod)):
-            inner = tiered(self._cache, ttl=self._ttl, l1_ttl=self._l1_ttl, key=self._key, name=self._name)(fn.__func__)
-            inner._is_method = False
-            return type(fn)(inner)
+            # @tiered above @staticmethod/@classmethod: we do the binding ourselves, so the
+            # helpers (.invalidate, .key, ...) get ``cls`` too, on every Python version.
+            binding = "class" if isinstance(fn, classmethod) else "function"
+            fn = fn.__func__
         if not callable(fn):
             raise ConfigError(f"@tiered needs a function, got {fn!r}")
         wrapper = AsyncTieredFunction if inspect.iscoroutinefunction(fn) else TieredFunction
-        return wrapper(fn, self._cache, self._ttl, self._l1_ttl, self._key, self._name)
+        result = wrapper(fn, self._cache, self._ttl, self._l1_ttl, self._key, self._name)
+        if binding is not None:
+            result._bind(binding)
+        return result
 
 
 def tiered(

@@ -11,6 +11,7 @@ before a generator is ever made.
 
 from __future__ import annotations
 
+import itertools
 import secrets
 import threading
 from collections.abc import Callable, Generator, Sequence
@@ -22,7 +23,7 @@ from ._coherence import Bus, WriteResult
 from ._flight import Flight, FlightTable, Signal
 from ._local import LocalCache
 from ._metrics import CacheStats, Counters, RateLimitedLog
-from ._remote import FAILED, Breaker, RedisOp, RemoteFailure
+from ._remote import FAILED, LEASE_PREFIX, Breaker, RedisOp, RemoteFailure
 from ._types import MISSING
 from .errors import BackendError, CodecError, ValueTooLargeError
 
@@ -72,6 +73,7 @@ class Core:
         coherent: bool,
         strict: bool,
         clock: Callable[[], float],
+        block_slice: float = 0.1,
     ) -> None:
         self.namespace = namespace
         self.ttl = ttl
@@ -81,10 +83,13 @@ class Core:
         self.has_remote = has_remote
         self.strict = strict
         self.clock = clock
+        self.block_slice = block_slice  # longest a blocking command may wait (< socket timeout)
         #: How long a miss's lease lives: a load slower than this still answers its callers,
         #: but its result is not stored in Redis.
-        self.lease_ms = 30_000
+        self.lease_ms = 10_000
         self.node_id = secrets.token_hex(8)
+        self._marker_base = self.node_id.encode()
+        self._markers = itertools.count()
         self.channel = f"tc:{namespace}:inval"
         self.seq_key = f"tc:{namespace}:seq"
         self.counters = Counters()
@@ -102,6 +107,7 @@ class Core:
         self.local.reset_lock()
         self.flights.reset()
         self.node_id = secrets.token_hex(8)  # the parent's id would make us ignore its messages
+        self._marker_base = self.node_id.encode()  # and its lease markers would be ours
         if self.bus is not None:
             self.bus.node_id = self.node_id
             self.bus.connected = threading.Event()
@@ -170,8 +176,11 @@ class Core:
         return value
 
     def _load(self, flight: Flight, key: str, ttl: float | None, l1_ttl: float | None, load: bool) -> Flow:
-        token = secrets.token_hex(8) if load else ""
-        found = yield from self._remote(_remote.fetch(key, token, self.lease_ms))
+        marker = LEASE_PREFIX + b"%s:%d" % (self._marker_base, next(self._markers)) if load else b""
+        op = _remote.fetch(key, marker, self.lease_ms) if load else _remote.peek(key)
+        sent_at = self.clock()
+        found = yield from self._remote(op)
+        unreadable: bytes | None = None
         if isinstance(found, tuple):
             data, pttl = found
             try:
@@ -179,10 +188,13 @@ class Core:
             except CodecError as exc:
                 self.counters.codec_errors += 1
                 self.log.emit("codec", "tiercache: ignoring unreadable value in Redis: %s", exc)
+                unreadable = data
             else:
                 self.counters.l2_hits += 1
-                # An L1 copy never outlives its L2 copy: the TTL left in Redis came in the same reply.
-                remaining = pttl / 1000.0 if pttl > 0 else float("inf")
+                # An L1 copy never outlives its L2 copy: the TTL left in Redis came in the same
+                # reply, measured by Redis after we sent the request, so counting it from the
+                # moment we sent it (not from now, after the reply and decoding) errs short.
+                remaining = pttl / 1000.0 - (self.clock() - sent_at) if pttl >= 0 else float("inf")
                 self.flights.fill(flight, value, min(self._l1_ttl(l1_ttl), remaining), len(data))
                 return value
         self.counters.misses += 1
@@ -193,16 +205,28 @@ class Core:
             value = yield CALL
         except Exception:
             self.counters.load_errors += 1
+            if found is True:  # hand the key back now rather than after the lease TTL
+                yield from self._remote(_remote.release(key, marker), quiet=True)
             raise
         data = self._encode_or_none(key, value)
         if data is None:
+            if found is True:
+                yield from self._remote(_remote.release(key, marker), quiet=True)
             return value
         ttl_s = self.ttl if ttl is None else ttl
-        if found is True and not flight.dirty:
-            # invariant 3: lands only if no write or invalidation of the key came since the miss
-            yield from self._remote(_remote.fill(key, token, data, _ms(ttl_s)))
-        # invariant 2: fill() keeps a load overtaken by an invalidation out of L1
-        self.flights.fill(flight, value, min(self._l1_ttl(l1_ttl), ttl_s), len(data))
+        sent_at = self.clock()
+        if found is True:
+            # invariant 3: lands only if no write or invalidation of the key came since the
+            # miss (they delete the lease). The lease, not our local dirty mark, decides: a
+            # local flush on resubscribe says nothing about Redis.
+            yield from self._remote(_remote.fill(key, marker, data, _ms(ttl_s)))
+        elif unreadable is not None:
+            # Replace the unreadable bytes, unless someone wrote the key meanwhile.
+            yield from self._remote(_remote.replace(key, unreadable, data, _ms(ttl_s)))
+        # invariant 2: fill() keeps a load overtaken by an invalidation out of L1. The Redis
+        # copy's TTL started after sent_at, so L1's, counted from sent_at, ends no later.
+        left = ttl_s - (self.clock() - sent_at)
+        self.flights.fill(flight, value, min(self._l1_ttl(l1_ttl), left), len(data))
         return value
 
     def refresh(self, key: str, ttl: float | None, l1_ttl: float | None) -> Flow:
@@ -247,6 +271,7 @@ class Core:
         """
         ack_key = f"tc:{self.namespace}:ack:{secrets.token_hex(8)}" if wait is not None else ""
         watches = self.flights.watch(keys)
+        sent_at = self.clock()
         op = _remote.write(self.seq_key, self.channel, self.node_id, keys, datas, _ms(ttl), ack_key)
         try:
             reply = yield from self._remote(op)
@@ -259,7 +284,8 @@ class Core:
             self.flights.abort_write(watches)
             return WriteResult(None, None, None)
         sizes = [len(d) for d in datas] if datas is not None else []
-        self.flights.commit_write(watches, values, min(self._l1_ttl(l1_ttl), ttl), sizes)
+        left = ttl - (self.clock() - sent_at)  # as in _load: never past the Redis copy
+        self.flights.commit_write(watches, values, min(self._l1_ttl(l1_ttl), left), sizes)
         if reply is FAILED:  # L1-only cache
             return WriteResult(None, None, None)
         seq, receivers = reply
@@ -279,7 +305,7 @@ class Core:
             left = deadline - self.clock()
             if left <= 0:
                 break
-            got = yield from self._remote(_remote.await_ack(ack_key, min(left, 0.1)))
+            got = yield from self._remote(_remote.await_ack(ack_key, min(left, self.block_slice)))
             if got is FAILED:
                 break
             acked += got
@@ -290,12 +316,13 @@ class Core:
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def _remote(self, op: RedisOp) -> Flow:
-        """One Redis round trip with fail-open: the reply, or FAILED (strict: BackendError)."""
+    def _remote(self, op: RedisOp, quiet: bool = False) -> Flow:
+        """One Redis round trip with fail-open: the reply, or FAILED (strict: BackendError,
+        unless ``quiet``: clean-up steps never replace the error being raised)."""
         if not self.has_remote:
             return FAILED
         if not self.breaker.allow():
-            if self.strict:
+            if self.strict and not quiet:
                 raise BackendError("Redis circuit breaker is open after repeated failures")
             return FAILED
         try:
@@ -304,9 +331,10 @@ class Core:
             self.breaker.failure()
             self.counters.backend_errors += 1
             cause = failure.__cause__
-            self.log.emit("backend", "tiercache: Redis %s failed, answering without it: %r", op.args[0], cause)
-            if self.strict:
-                raise BackendError(f"Redis {op.args[0]} failed: {cause!r}") from cause
+            what = f"{type(cause).__name__}: {cause}"
+            self.log.emit("backend", "tiercache: Redis %s failed, answering without it: %s", op.args[0], what)
+            if self.strict and not quiet:
+                raise BackendError(f"Redis {op.args[0]} failed: {what}") from cause
             return FAILED
         self.breaker.success()
         return reply

@@ -23,8 +23,10 @@ __all__ = [
     "fetch",
     "publish",
     "fill",
-    "lease_key",
+    "peek",
     "read_seq",
+    "release",
+    "replace",
     "take_acks",
     "write",
 ]
@@ -41,16 +43,22 @@ class Script:
 
 
 class RedisOp:
-    """One Redis round trip: the command's arguments and how to read its reply."""
+    """One Redis round trip: a command (plus ``more`` commands pipelined behind it, sent in one
+    write and answered in one read) and how to read the reply (a list of replies with ``more``)."""
 
-    __slots__ = ("args", "parse", "script")
+    __slots__ = ("args", "more", "parse", "script")
 
     def __init__(
-        self, args: tuple[Any, ...], parse: Callable[[Any], Any] | None = None, script: Script | None = None
+        self,
+        args: tuple[Any, ...],
+        parse: Callable[[Any], Any] | None = None,
+        script: Script | None = None,
+        more: tuple[tuple[Any, ...], ...] = (),
     ) -> None:
         self.args = args
         self.parse = parse
         self.script = script
+        self.more = more
 
     def fallback_args(self) -> tuple[Any, ...]:
         """The EVAL form of an EVALSHA op, for a server that does not know the script yet."""
@@ -72,42 +80,52 @@ class _Failed:
 #: What a remote step returns to the flow when Redis failed (and strict mode is off).
 FAILED: Any = _Failed()
 
-# KEYS[1] the value, KEYS[2] its lease. ARGV[1] a lease token ('' for none), ARGV[2] lease ms.
-# A hit answers {value, pttl}; a miss answers 1 when it took the lease, 0 when not.
-_READ = Script("""
-local v = redis.call('GET', KEYS[1])
-if v then return {v, redis.call('PTTL', KEYS[1])} end
-if ARGV[1] ~= '' and redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
-return 0
-""")
+#: First bytes of a lease marker: the envelope magic with format version 0, never a value.
+LEASE_PREFIX = b"\xc7\x00"
 
-# KEYS[1] the value, KEYS[2] its lease. ARGV[1] token, ARGV[2] bytes, ARGV[3] ttl ms.
-# Invariant 3: the fill lands only while the lease taken on the miss is still ours; any write
-# or invalidation of the key since then deleted the lease, so a stale fill is refused.
+# Leases live in the value key itself. A miss is answered by ``SET key <marker> NX PX lease GET``
+# (pipelined with PTTL): if the key holds a value, nothing is written and the value comes back
+# (a hit, with its TTL); if it holds another process's marker, that comes back (someone else
+# is loading); if it is empty, our marker is now there and we hold the lease. So a hit runs no
+# Lua and a miss takes its lease in the same round trip, and any write or invalidation of the
+# key (SET or DEL) replaces the marker: invariant 3 with no extra key.
+
+# KEYS[1] the value. ARGV[1] our marker, ARGV[2] bytes, ARGV[3] ttl ms.
+# Invariant 3: the fill lands only while our marker is still there.
 _FILL = Script("""
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-redis.call('DEL', KEYS[2])
 return 1
 """)
 
-# KEYS[1] the namespace's sequence counter, then (value key, lease key) pairs.
+# KEYS[1] the value. ARGV[1] our marker: give the lease back (the load failed or stores nothing).
+_RELEASE = Script("""
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+""")
+
+# KEYS[1] the value. ARGV[1] the unreadable bytes found, ARGV[2] new bytes, ARGV[3] ttl ms:
+# overwrite bytes we could not decode, unless someone wrote the key since we read them.
+_REPLACE = Script("""
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1
+""")
+
+# KEYS[1] the namespace's sequence counter, KEYS[2..] the value keys.
 # ARGV[1] origin node id, ARGV[2] channel, ARGV[3] 'set' or 'del', ARGV[4] ttl in ms,
 # ARGV[5] the list receivers push their acknowledgement on ('' for none), ARGV[6..] the
-# values (for 'set').
-# Redis first (deleting the leases, so loads in flight cannot fill over this write), then
-# one message for the whole batch.
+# values (for 'set'). Redis first (replacing any lease marker, so loads in flight cannot fill
+# over this write), then one message for the whole batch.
 _WRITE = Script("""
 local keys = {}
-for i = 2, #KEYS, 2 do
-  local n = #keys + 1
-  keys[n] = KEYS[i]
+for i = 2, #KEYS do
+  keys[i - 1] = KEYS[i]
   if ARGV[3] == 'set' then
-    redis.call('SET', KEYS[i], ARGV[5 + n], 'PX', ARGV[4])
+    redis.call('SET', KEYS[i], ARGV[4 + i], 'PX', ARGV[4])
   else
     redis.call('DEL', KEYS[i])
   end
-  redis.call('DEL', KEYS[i + 1])
 end
 local seq = redis.call('INCR', KEYS[1])
 local receivers = redis.call('PUBLISH', ARGV[2], cjson.encode({n = ARGV[1], s = seq, k = keys, a = ARGV[5]}))
@@ -115,33 +133,42 @@ return {seq, receivers}
 """)
 
 
-def lease_key(key: str) -> str:
-    """The lease of ``key``: after the key's ``{hash tag}``, so both share a Redis Cluster slot."""
-    return key + ":lease"
+def _parse_read(replies: list[Any]) -> tuple[bytes, int] | bool:
+    """``(bytes, pttl_ms)`` for a value; for no value, whether we now hold the lease."""
+    data, pttl = replies
+    if data is None or data is False:  # the key was empty: our marker is there now (or no lease asked)
+        return True
+    if data[:2] == LEASE_PREFIX:  # someone else is loading it
+        return False
+    return data, int(pttl)
 
 
-def _parse_fetch(reply: Any) -> tuple[bytes, int] | bool:
-    if isinstance(reply, list):
-        data, pttl = reply
-        return data, int(pttl)
-    return bool(reply)
+def fetch(key: str, marker: bytes, lease_ms: int) -> RedisOp:
+    """A read that takes the lease on a miss, in one round trip and without Lua (see above)."""
+    return RedisOp(("SET", key, marker, "NX", "PX", lease_ms, "GET"), _parse_read, more=(("PTTL", key),))
+
+
+def peek(key: str) -> RedisOp:
+    """A plain read (``cache.get``): GET and PTTL pipelined; no lease."""
+    return RedisOp(("GET", key), _parse_read, more=(("PTTL", key),))
+
+
+def fill(key: str, marker: bytes, data: bytes, ttl_ms: int) -> RedisOp:
+    """Store a load's result if our lease marker is still there; parses to whether it landed."""
+    return RedisOp(("EVALSHA", _FILL.sha, 1, key, marker, data, ttl_ms), bool, _FILL)
+
+
+def release(key: str, marker: bytes) -> RedisOp:
+    return RedisOp(("EVALSHA", _RELEASE.sha, 1, key, marker), None, _RELEASE)
+
+
+def replace(key: str, old: bytes, data: bytes, ttl_ms: int) -> RedisOp:
+    return RedisOp(("EVALSHA", _REPLACE.sha, 1, key, old, data, ttl_ms), bool, _REPLACE)
 
 
 def _parse_write(reply: Any) -> tuple[int, int]:
     seq, receivers = reply
     return int(seq), int(receivers)
-
-
-def fetch(key: str, token: str = "", lease_ms: int = 0) -> RedisOp:
-    """GET and PTTL of ``key`` in one round trip, taking its lease on a miss when ``token``.
-
-    Parses to ``(bytes, pttl_ms)`` on a hit, else to whether the lease was taken."""
-    return RedisOp(("EVALSHA", _READ.sha, 2, key, lease_key(key), token, lease_ms), _parse_fetch, _READ)
-
-
-def fill(key: str, token: str, data: bytes, ttl_ms: int) -> RedisOp:
-    """Store a load's result if the lease ``token`` is still valid; parses to whether it landed."""
-    return RedisOp(("EVALSHA", _FILL.sha, 2, key, lease_key(key), token, data, ttl_ms), bool, _FILL)
 
 
 def write(
@@ -159,8 +186,7 @@ def write(
     argv: tuple[Any, ...] = (node_id, channel, "set" if values is not None else "del", ttl_ms, ack_key)
     if values is not None:
         argv += tuple(values)
-    pairs = [k for key in keys for k in (key, lease_key(key))]
-    return RedisOp(("EVALSHA", _WRITE.sha, 1 + len(pairs), seq_key, *pairs, *argv), _parse_write, _WRITE)
+    return RedisOp(("EVALSHA", _WRITE.sha, 1 + len(keys), seq_key, *keys, *argv), _parse_write, _WRITE)
 
 
 # A subscriber's acknowledgement of a message that asked for one (a ``wait=True`` write):
@@ -178,7 +204,8 @@ def ack(ack_key: str, node_id: str, keep_ms: int = 30_000) -> RedisOp:
 
 def await_ack(ack_key: str, timeout: float) -> RedisOp:
     """Block up to ``timeout`` seconds for one acknowledgement; parses to 1 or 0."""
-    return RedisOp(("BLPOP", ack_key, f"{timeout:.3f}"), lambda reply: 1 if reply else 0)
+    # BLPOP's timeout 0 means "forever": never let rounding produce it.
+    return RedisOp(("BLPOP", ack_key, f"{max(timeout, 0.001):.3f}"), lambda reply: 1 if reply else 0)
 
 
 def take_acks(ack_key: str, count: int) -> RedisOp:

@@ -44,8 +44,12 @@ class SyncRedis:
             raise RemoteFailure() from exc
         try:
             try:
-                conn.send_command(*op.args)  # type: ignore[no-untyped-call]
-                reply = conn.read_response()
+                if op.more:
+                    conn.send_packed_command(conn.pack_commands([op.args, *op.more]))  # type: ignore[no-untyped-call]
+                    reply = [conn.read_response() for _ in range(1 + len(op.more))]
+                else:
+                    conn.send_command(*op.args)  # type: ignore[no-untyped-call]
+                    reply = conn.read_response()
             except NoScriptError:
                 conn.send_command(*op.fallback_args())  # type: ignore[no-untyped-call]
                 reply = conn.read_response()
