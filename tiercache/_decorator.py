@@ -1,11 +1,11 @@
 """``@tiered``: read-through caching of sync and async functions and methods.
 
-How ``self`` enters the key: a function defined in a class body whose first parameter is
-named ``self`` is a method, and ``self`` is left out of the key — every instance shares the
-entries — unless the instance's class defines ``__tiercache_key__(self)``, whose result is
-then part of the key. ``cls`` of a classmethod is part of the key (as the class's
-qualified name), as is every other argument. Put ``@tiered`` above ``@classmethod`` and
-``@staticmethod`` (outermost), so its helpers bind the same way the call does.
+How ``self`` enters the key: a function whose first parameter is named ``self`` is a method,
+and ``self`` is left out of the key (every instance shares the entries) unless the
+instance's class defines ``__tiercache_key__(self)``, whose result is then part of the key.
+``cls`` of a classmethod is part of the key (as the class's qualified name), as is every
+other argument. Put ``@tiered`` above ``@classmethod`` and ``@staticmethod`` (outermost), so
+its helpers bind the same way the call does.
 """
 
 from __future__ import annotations
@@ -14,13 +14,12 @@ import functools
 import inspect
 import typing
 from collections.abc import Callable, Coroutine
-from typing import Any, Generic, ParamSpec, TypeVar, overload
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, overload
 
 from . import _async, _sync
 from ._cache import TieredCache, _positive
 from ._coherence import WriteResult
 from ._keys import KeyMaker, canonical_bytes, digest, function_prefix, user_key
-from ._types import MISSING
 from .errors import ConfigError
 
 __all__ = ["AsyncTieredFunction", "TieredFunction", "tiered"]
@@ -28,10 +27,28 @@ __all__ = ["AsyncTieredFunction", "TieredFunction", "tiered"]
 P = ParamSpec("P")
 _KeyFn = Callable[[tuple[Any, ...], dict[str, Any]], str]
 R = TypeVar("R")
+_P2 = ParamSpec("_P2")
+_S = TypeVar("_S")
+
+
+class _NeedLoad:
+    """What the hit path answers on a miss: the key it derived, so the miss path need not."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: str) -> None:
+        self.key = key
 
 
 class _Tiered:
-    """What sync and async decorated functions share: configuration, keys, method binding."""
+    """What sync and async decorated functions share: configuration, keys, method binding.
+
+    A plain function decorated with ``@tiered`` becomes the closure ``_call`` (with the
+    helpers attached): calling a closure costs less than calling an object. Methods and
+    ``@tiered``-over-``@classmethod`` keep this object, a descriptor that binds the helpers too.
+    """
+
+    _call: Callable[..., Any]
 
     def __init__(
         self,
@@ -53,10 +70,13 @@ class _Tiered:
         self._prefix = function_prefix(cache.namespace, name or f"{fn.__module__}.{fn.__qualname__}")
         self._keyfn: _KeyFn
         self._binding = ""
-        self._bind("method" if _defined_in_class(fn) and _first_param(fn) == "self" else "function")
+        # A first parameter named ``self`` makes a method, wherever the function is defined
+        # (``m = tiered(cache)(f)`` in a class body binds like a method defined there).
+        self._bind("method" if _first_param(fn) == "self" else "function")
         self._hints_pending = True
         self._register_return_types()
-        functools.update_wrapper(self, fn)  # type: ignore[arg-type]
+        functools.update_wrapper(self, fn)
+        self.cache = cache
 
     def key(self, *args: Any, **kwargs: Any) -> str:
         """The Redis key this call uses."""
@@ -87,6 +107,29 @@ class _Tiered:
             self._keyfn = KeyMaker(self._fn, self._prefix, skip_first=binding == "method")
         else:
             self._keyfn = _custom_key(self._custom_key, self._cache.namespace, self._prefix)
+        self._call = self._make_call()
+
+    def _make_call(self) -> Callable[..., Any]:
+        raise NotImplementedError
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._call(*args, **kwargs)
+
+    def _as_function(self) -> Callable[..., Any]:
+        """The closure, dressed as the decorated function, with the helpers attached."""
+        call = self._call
+        functools.update_wrapper(call, self._fn)
+        call.invalidate = self.invalidate  # type: ignore[attr-defined]
+        call.refresh = self.refresh  # type: ignore[attr-defined]
+        call.key = self.key  # type: ignore[attr-defined]
+        call.cache = self._cache  # type: ignore[attr-defined]
+        return call
+
+    def invalidate(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+    def refresh(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError
 
     def __set_name__(self, owner: type, name: str) -> None:
         # Only reached when we are the class attribute ourselves (classmethod and staticmethod
@@ -108,8 +151,8 @@ class _Tiered:
         return f"<tiered {self._fn.__module__}.{self._fn.__qualname__}>"
 
 
-class TieredFunction(_Tiered, Generic[P, R]):
-    """A cached sync function. Call it as the function; it also has helpers.
+class TieredFunction(Protocol[P, R]):
+    """What ``@tiered`` makes of a sync function: call it as the function; it also has helpers.
 
     Example:
         >>> cache = TieredCache(namespace="docs")
@@ -124,79 +167,156 @@ class TieredFunction(_Tiered, Generic[P, R]):
     """
 
     __wrapped__: Callable[P, R]
+    cache: TieredCache
 
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        key = self._keyfn(args, kwargs)
-        value = self._local.get(key)  # the L1 hit: no I/O, no generator
-        if value is not MISSING:
-            self._counters.l1_hits += 1
-            return value  # type: ignore[no-any-return]
-        if self._hints_pending:
-            self._register_return_types()
-        result: R = _sync.drive(
-            self._core.read_through(key, self._ttl, self._l1_ttl, True),
-            self._cache._sync,
-            functools.partial(self._fn, *args, **kwargs),
-        )
-        return result
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R: ...
 
     def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> WriteResult:
         """Drop this call's entry from Redis and from the L1 of every process.
 
         To wait until every process has dropped it: ``cache.invalidate(f.key(...), wait=True)``."""
-        result: WriteResult = _sync.drive(self._core.delete([self._keyfn(args, kwargs)], None), self._cache._sync, None)
-        return result
+        ...
 
     def refresh(self, *args: P.args, **kwargs: P.kwargs) -> R:
         """Call the function now, store the result in both tiers (telling every process), return it."""
-        key = self._keyfn(args, kwargs)
-        result: R = _sync.drive(
-            self._core.refresh(key, self._ttl, self._l1_ttl),
-            self._cache._sync,
-            functools.partial(self._fn, *args, **kwargs),
-        )
-        return result
+        ...
+
+    def key(self, *args: P.args, **kwargs: P.kwargs) -> str:
+        """The Redis key this call uses."""
+        ...
+
+    @overload
+    def __get__(self, instance: None, owner: type[Any] | None = None) -> TieredFunction[P, R]: ...
+
+    @overload
+    def __get__(
+        self: TieredFunction[Concatenate[_S, _P2], R], instance: _S, owner: type[Any] | None = None
+    ) -> TieredFunction[_P2, R]: ...
+
+    def __get__(self, instance: Any, owner: type[Any] | None = None) -> Any: ...
 
 
-class AsyncTieredFunction(_Tiered, Generic[P, R]):
-    """A cached ``async def`` function: ``await f(...)``, ``await f.invalidate(...)``,
+class AsyncTieredFunction(Protocol[P, R]):
+    """What ``@tiered`` makes of an ``async def``: ``await f(...)``, ``await f.invalidate(...)``,
     ``await f.refresh(...)``; ``f.key(...)`` is plain."""
 
     __wrapped__: Callable[P, Coroutine[Any, Any, R]]
+    cache: TieredCache
 
-    async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        key = self._keyfn(args, kwargs)
-        value = self._local.get(key)  # the L1 hit: no I/O, no generator, no await
-        if value is not MISSING:
-            self._counters.l1_hits += 1
-            return value  # type: ignore[no-any-return]
-        if self._hints_pending:
-            self._register_return_types()
-        result: R = await _async.drive(
-            self._core.read_through(key, self._ttl, self._l1_ttl, True),
-            self._cache._async,
-            functools.partial(self._fn, *args, **kwargs),
-        )
-        return result
+    async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R: ...
 
     async def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> WriteResult:
-        """Drop this call's entry from Redis and from the L1 of every process.
+        """Drop this call's entry from Redis and from the L1 of every process."""
+        ...
 
-        To wait until every process has dropped it: ``await cache.aio.invalidate(f.key(...), wait=True)``."""
+    async def refresh(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Call the function now, store the result in both tiers (telling every process), return it."""
+        ...
+
+    def key(self, *args: P.args, **kwargs: P.kwargs) -> str:
+        """The Redis key this call uses."""
+        ...
+
+    @overload
+    def __get__(self, instance: None, owner: type[Any] | None = None) -> AsyncTieredFunction[P, R]: ...
+
+    @overload
+    def __get__(
+        self: AsyncTieredFunction[Concatenate[_S, _P2], R], instance: _S, owner: type[Any] | None = None
+    ) -> AsyncTieredFunction[_P2, R]: ...
+
+    def __get__(self, instance: Any, owner: type[Any] | None = None) -> Any: ...
+
+
+class _SyncTiered(_Tiered):
+    """The implementation behind a sync TieredFunction."""
+
+    def _make_call(self) -> Callable[..., Any]:
+        hit = _hit_path(self)
+        miss = self._miss
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            value = hit(args, kwargs)
+            return miss(value.key, args, kwargs) if type(value) is _NeedLoad else value
+
+        return call
+
+    def _miss(self, key: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self._hints_pending:
+            self._register_return_types()
+        flow = self._core.read_through(key, self._ttl, self._l1_ttl, True)
+        return _sync.drive(flow, self._cache._sync, functools.partial(self._fn, *args, **kwargs))
+
+    def invalidate(self, *args: Any, **kwargs: Any) -> WriteResult:
+        result: WriteResult = _sync.drive(self._core.delete([self._keyfn(args, kwargs)], None), self._cache._sync, None)
+        return result
+
+    def refresh(self, *args: Any, **kwargs: Any) -> Any:
+        flow = self._core.refresh(self._keyfn(args, kwargs), self._ttl, self._l1_ttl)
+        return _sync.drive(flow, self._cache._sync, functools.partial(self._fn, *args, **kwargs))
+
+
+class _AsyncTiered(_Tiered):
+    """The implementation behind an AsyncTieredFunction."""
+
+    def _make_call(self) -> Callable[..., Any]:
+        hit = _hit_path(self)
+        miss = self._miss
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            value = hit(args, kwargs)  # the L1 hit: no I/O, no generator, no await
+            return await miss(value.key, args, kwargs) if type(value) is _NeedLoad else value
+
+        return call
+
+    async def _miss(self, key: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self._hints_pending:
+            self._register_return_types()
+        flow = self._core.read_through(key, self._ttl, self._l1_ttl, True)
+        return await _async.drive(flow, self._cache._async, functools.partial(self._fn, *args, **kwargs))
+
+    async def invalidate(self, *args: Any, **kwargs: Any) -> WriteResult:
         result: WriteResult = await _async.drive(
             self._core.delete([self._keyfn(args, kwargs)], None), self._cache._async, None
         )
         return result
 
-    async def refresh(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        """Call the function now, store the result in both tiers (telling every process), return it."""
-        key = self._keyfn(args, kwargs)
-        result: R = await _async.drive(
-            self._core.refresh(key, self._ttl, self._l1_ttl),
-            self._cache._async,
-            functools.partial(self._fn, *args, **kwargs),
-        )
-        return result
+    async def refresh(self, *args: Any, **kwargs: Any) -> Any:
+        flow = self._core.refresh(self._keyfn(args, kwargs), self._ttl, self._l1_ttl)
+        return await _async.drive(flow, self._cache._async, functools.partial(self._fn, *args, **kwargs))
+
+
+def _hit_path(t: _Tiered) -> Callable[[tuple[Any, ...], dict[str, Any]], Any]:
+    """The L1 lookup of one decorated function, shared by its sync and async wrappers: the
+    key (single-argument calls from a per-type memo, without building a tuple), then the
+    OrderedDict entry and its expiry, inlined from LocalCache.get (this is the hot path)."""
+    keyfn = t._keyfn
+    single = keyfn.single if isinstance(keyfn, KeyMaker) else {}
+    local = t._core.local
+    data_get = local._data.get
+    move_to_end = local._data.move_to_end
+    clock = local._clock
+    counters = t._core.counters
+
+    def hit(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if len(args) == 1 and not kwargs:
+            memo = single.get(type(args[0]))
+            key = memo.get(args[0]) if memo is not None else None
+            if key is None:
+                key = keyfn(args, kwargs)
+        else:
+            key = keyfn(args, kwargs)
+        entry = data_get(key)
+        if entry is None or entry[1] <= clock():
+            return _NeedLoad(key)
+        try:
+            move_to_end(key)
+        except KeyError:  # evicted by another thread since the get: still a hit
+            pass
+        counters.l1_hits += 1
+        return entry[0]
+
+    return hit
 
 
 class _Bound:
@@ -209,13 +329,13 @@ class _Bound:
         self.__self__ = instance
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.__func__(self.__self__, *args, **kwargs)  # type: ignore[operator]
+        return self.__func__(self.__self__, *args, **kwargs)
 
     def invalidate(self, *args: Any, **kwargs: Any) -> Any:
-        return self.__func__.invalidate(self.__self__, *args, **kwargs)  # type: ignore[attr-defined]
+        return self.__func__.invalidate(self.__self__, *args, **kwargs)
 
     def refresh(self, *args: Any, **kwargs: Any) -> Any:
-        return self.__func__.refresh(self.__self__, *args, **kwargs)  # type: ignore[attr-defined]
+        return self.__func__.refresh(self.__self__, *args, **kwargs)
 
     def key(self, *args: Any, **kwargs: Any) -> str:
         return self.__func__.key(self.__self__, *args, **kwargs)
@@ -244,7 +364,7 @@ class _Decorator:
     def __call__(self, fn: Callable[P, R]) -> TieredFunction[P, R]: ...
 
     def __call__(self, fn: Callable[..., Any]) -> Any:
-        wrapper: type[_Tiered]
+        impl: type[_Tiered]
         binding = None
         if isinstance(fn, (staticmethod, classmethod)):
             # @tiered above @staticmethod/@classmethod: we do the binding ourselves, so the
@@ -253,11 +373,15 @@ class _Decorator:
             fn = fn.__func__
         if not callable(fn):
             raise ConfigError(f"@tiered needs a function, got {fn!r}")
-        wrapper = AsyncTieredFunction if inspect.iscoroutinefunction(fn) else TieredFunction
-        result = wrapper(fn, self._cache, self._ttl, self._l1_ttl, self._key, self._name)
+        impl = _AsyncTiered if inspect.iscoroutinefunction(fn) else _SyncTiered
+        result = impl(fn, self._cache, self._ttl, self._l1_ttl, self._key, self._name)
         if binding is not None:
             result._bind(binding)
-        return result
+        if result._binding in {"method", "class"}:
+            return result  # a descriptor: binds the instance (or class) into the helpers too
+        if binding == "function":  # @tiered above @staticmethod: keep it unbound in the class
+            return staticmethod(result._as_function())
+        return result._as_function()
 
 
 def tiered(
@@ -290,11 +414,6 @@ def tiered(
     if key is not None and not callable(key):
         raise ConfigError(f"key={key!r} must be a function with the decorated function's signature")
     return _Decorator(cache, ttl, l1_ttl, key, name)
-
-
-def _defined_in_class(fn: Callable[..., Any]) -> bool:
-    parts = getattr(fn, "__qualname__", "").split(".")
-    return len(parts) > 1 and parts[-2] != "<locals>"
 
 
 def _first_param(fn: Callable[..., Any]) -> str | None:

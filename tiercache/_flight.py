@@ -116,14 +116,16 @@ class FlightTable:
                 self._watches.setdefault(w.key, []).append(w)
         return watches
 
-    def fill(self, flight: Flight, value: Any, ttl: float, size: int) -> None:
-        """Put a load's result into L1 unless an invalidation overtook the load."""
+    def fill(self, flight: Flight, value: Any, expires_at: float, size: int) -> None:
+        """Put a load's result into L1 (until ``expires_at``) unless an invalidation overtook it."""
+        if not self._local.accepting:
+            return
         with self._lock:
             if not flight.dirty:
-                self._local.put(flight.key, value, ttl, size)
+                self._local.put_until(flight.key, value, expires_at, size)
 
     def commit_write(
-        self, watches: Sequence[Flight], values: Sequence[Any] | None, ttl: float, sizes: Sequence[int]
+        self, watches: Sequence[Flight], values: Sequence[Any] | None, expires_at: float, sizes: Sequence[int]
     ) -> None:
         """After a write reached Redis: evict its keys here (dirtying loads in flight), then
         keep the written values in L1 for the keys no other write has overtaken meanwhile."""
@@ -134,7 +136,7 @@ class FlightTable:
             if values is not None:
                 for w, value, size in zip(watches, values, sizes, strict=True):
                     if not w.dirty:
-                        self._local.put(w.key, value, ttl, size)
+                        self._local.put_until(w.key, value, expires_at, size)
 
     def abort_write(self, watches: Sequence[Flight]) -> None:
         with self._lock:

@@ -192,10 +192,10 @@ class Core:
             else:
                 self.counters.l2_hits += 1
                 # An L1 copy never outlives its L2 copy: the TTL left in Redis came in the same
-                # reply, measured by Redis after we sent the request, so counting it from the
-                # moment we sent it (not from now, after the reply and decoding) errs short.
-                remaining = pttl / 1000.0 - (self.clock() - sent_at) if pttl >= 0 else float("inf")
-                self.flights.fill(flight, value, min(self._l1_ttl(l1_ttl), remaining), len(data))
+                # reply, measured by Redis after we sent the request, so an expiry fixed from
+                # the moment we sent it (not from now, after the reply and decoding) errs early.
+                remaining = pttl / 1000.0 if pttl >= 0 else float("inf")
+                self.flights.fill(flight, value, sent_at + min(self._l1_ttl(l1_ttl), remaining), len(data))
                 return value
         self.counters.misses += 1
         if not load:
@@ -225,8 +225,7 @@ class Core:
             yield from self._remote(_remote.replace(key, unreadable, data, _ms(ttl_s)))
         # invariant 2: fill() keeps a load overtaken by an invalidation out of L1. The Redis
         # copy's TTL started after sent_at, so L1's, counted from sent_at, ends no later.
-        left = ttl_s - (self.clock() - sent_at)
-        self.flights.fill(flight, value, min(self._l1_ttl(l1_ttl), left), len(data))
+        self.flights.fill(flight, value, sent_at + min(self._l1_ttl(l1_ttl), ttl_s), len(data))
         return value
 
     def refresh(self, key: str, ttl: float | None, l1_ttl: float | None) -> Flow:
@@ -284,8 +283,8 @@ class Core:
             self.flights.abort_write(watches)
             return WriteResult(None, None, None)
         sizes = [len(d) for d in datas] if datas is not None else []
-        left = ttl - (self.clock() - sent_at)  # as in _load: never past the Redis copy
-        self.flights.commit_write(watches, values, min(self._l1_ttl(l1_ttl), left), sizes)
+        # as in _load: counted from before the request, so never past the Redis copy
+        self.flights.commit_write(watches, values, sent_at + min(self._l1_ttl(l1_ttl), ttl), sizes)
         if reply is FAILED:  # L1-only cache
             return WriteResult(None, None, None)
         seq, receivers = reply

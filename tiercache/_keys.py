@@ -40,7 +40,7 @@ _NAMESPACE_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}(:[A-Za-z0-9_.\-]{1,64})*")
 
 # Top-level argument types whose equality implies equal canonical bytes *given the type*.
 # Only calls whose arguments are all of these exact types are memoised (see KeyMaker).
-_MEMO_SAFE = frozenset({str, int, float, bytes, bool, type(None)})
+_MEMO_SAFE: frozenset[type] = frozenset({str, int, float, bytes, bool, type(None)})
 _MEMO_LIMIT = 4096
 
 
@@ -211,7 +211,7 @@ class KeyMaker:
     ``f(x=1)`` share a key), encode canonically, digest.
     """
 
-    __slots__ = ("_memo", "_params", "_prefix", "_qualname", "_self_hook", "_signature", "_skip_first")
+    __slots__ = ("_memo", "_params", "_prefix", "_qualname", "_signature", "_skip_first", "single")
 
     def __init__(self, fn: Callable[..., Any], prefix: str, *, skip_first: bool = False) -> None:
         self._signature = inspect.signature(fn)
@@ -220,6 +220,9 @@ class KeyMaker:
         self._qualname = getattr(fn, "__qualname__", repr(fn))
         self._skip_first = skip_first
         self._memo: dict[Any, str] = {}
+        #: One-argument calls by the argument's exact type (memo-safe types only): lets the
+        #: hit path find the key without building a tuple. Never filled for methods.
+        self.single: dict[type, dict[Any, str]] = {} if skip_first else {t: {} for t in _MEMO_SAFE}
 
     def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         if self._skip_first:
@@ -238,6 +241,12 @@ class KeyMaker:
         except TypeError:  # unhashable argument: no memo, full path every time
             return self._derive_unbound(args, kwargs)
         key = self._derive_unbound(args, kwargs)
+        if len(args) == 1 and not kwargs and not self._skip_first:
+            single = self.single.get(type(args[0]))
+            if single is not None:
+                if len(single) >= _MEMO_LIMIT:
+                    single.clear()
+                single[args[0]] = key
         if _MEMO_SAFE.issuperset(map(type, args)) and _MEMO_SAFE.issuperset(map(type, kwargs.values())):
             if len(self._memo) >= _MEMO_LIMIT:
                 self._memo.clear()

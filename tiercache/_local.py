@@ -60,10 +60,19 @@ class LocalCache:
 
     def put(self, key: str, value: Any, ttl: float, size: int) -> None:
         """Store ``value`` for ``ttl`` seconds; evict least recently used entries past the bounds."""
-        if ttl <= 0 or not self.accepting or self.maxsize <= 0 or (self.maxbytes is not None and size > self.maxbytes):
+        self.put_until(key, value, self._clock() + ttl, size)
+
+    def put_until(self, key: str, value: Any, expires_at: float, size: int) -> None:
+        """Store ``value`` until the clock reads ``expires_at``; evict past the bounds."""
+        if (
+            not self.accepting
+            or self.maxsize <= 0
+            or (self.maxbytes is not None and size > self.maxbytes)
+            or expires_at <= self._clock()
+        ):
             self.pop(key)
             return
-        entry = (value, self._clock() + ttl, size)
+        entry = (value, expires_at, size)
         with self._lock:
             old = self._data.pop(key, None)
             if old is not None:
