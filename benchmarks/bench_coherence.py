@@ -34,9 +34,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import redis  # noqa: E402
+import redis
 
-from tiercache import TieredCache, tiered  # noqa: E402
+from tiercache import TieredCache, tiered
 
 
 def free_port() -> int:
@@ -53,8 +53,21 @@ class Server:
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="tiercache-bench-")
         self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", self.dir, "--loglevel", "warning"],
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.dir,
+                "--loglevel",
+                "warning",
+            ],
             stdout=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
@@ -76,7 +89,7 @@ class Server:
 
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 # -- processes -----------------------------------------------------------------------------
@@ -149,9 +162,7 @@ def run_latency(url: str, rate: int, seconds: float, busy: bool, readers: int = 
     for p in procs:
         p.join(30)
     writer.close()
-    latencies = [
-        (t - sent[seq]) * 1e3 for out in outs for seq, t in out["applied"].items() if seq in sent
-    ]
+    latencies = [(t - sent[seq]) * 1e3 for out in outs for seq, t in out["applied"].items() if seq in sent]
     missing = sum(1 for out in outs for seq in sent if seq not in out["applied"])
     return {
         "busy": busy,
@@ -319,26 +330,36 @@ def main() -> None:
         report["throughput"] = run_throughput(server.url, 1.0 if args.quick else 3.0)
     finally:
         server.stop()
-    print(f"python {report['python']}, redis-server {report['redis_server']}, redis-py {report['redis_py']}, "
-          f"{report['cpus']} cpus")
+    print(
+        f"python {report['python']}, redis-server {report['redis_server']}, redis-py {report['redis_py']}, "
+        f"{report['cpus']} cpus"
+    )
     print("\npropagation latency, 3 reader processes, writer call -> reader subscriber applied (ms)")
     print(f"{'readers':<8} {'rate/s':>8} {'samples':>8} {'lost':>5} {'p50':>8} {'p99':>8} {'max':>8}")
     for name in ("latency_idle", "latency_busy"):
         r = report[name]
-        print(f"{'busy' if r['busy'] else 'idle':<8} {r['rate_achieved']:>8} {r['samples']:>8} "
-              f"{r['not_applied']:>5} {r['p50_ms']:>8} {r['p99_ms']:>8} {r['max_ms']:>8}")
+        print(
+            f"{'busy' if r['busy'] else 'idle':<8} {r['rate_achieved']:>8} {r['samples']:>8} "
+            f"{r['not_applied']:>5} {r['p50_ms']:>8} {r['p99_ms']:>8} {r['max_ms']:>8}"
+        )
     s = report["stale"]
-    print(f"\nstale reads: {s['calls_started_after_return_with_old_value']} calls started after invalidate "
-          f"returned still saw the old value (worst {s['worst_lateness_ms']} ms late), "
-          f"over {s['invalidations']} invalidations and {s['reader_l1_hits']} reader L1 hits")
+    print(
+        f"\nstale reads: {s['calls_started_after_return_with_old_value']} calls started after invalidate "
+        f"returned still saw the old value (worst {s['worst_lateness_ms']} ms late), "
+        f"over {s['invalidations']} invalidations and {s['reader_l1_hits']} reader L1 hits"
+    )
     w = report["wait"]
-    print(f"\nwait=True with {w['subscribers']} subscribers: p50 {w['invalidate_wait_p50_us']} us, "
-          f"p99 {w['invalidate_wait_p99_us']} us (plain invalidate p50 {w['invalidate_p50_us']} us), "
-          f"complete {w['complete']}")
+    print(
+        f"\nwait=True with {w['subscribers']} subscribers: p50 {w['invalidate_wait_p50_us']} us, "
+        f"p99 {w['invalidate_wait_p99_us']} us (plain invalidate p50 {w['invalidate_p50_us']} us), "
+        f"complete {w['complete']}"
+    )
     t = report["throughput"]
-    print(f"\ncost of coherence: L1 hits/s {t['l1_hits_per_s_bus']:,} with the bus, "
-          f"{t['l1_hits_per_s_no_bus']:,} without (x{t['l1_hit_cost_of_bus']}); "
-          f"miss {t['miss_us_bus']} us vs {t['miss_us_no_bus']} us (x{t['miss_cost_of_bus']})")
+    print(
+        f"\ncost of coherence: L1 hits/s {t['l1_hits_per_s_bus']:,} with the bus, "
+        f"{t['l1_hits_per_s_no_bus']:,} without (x{t['l1_hit_cost_of_bus']}); "
+        f"miss {t['miss_us_bus']} us vs {t['miss_us_no_bus']} us (x{t['miss_cost_of_bus']})"
+    )
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 

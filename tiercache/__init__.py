@@ -55,6 +55,6 @@ __version__ = "0.1.0"
 
 for _name in __all__:
     _obj = globals()[_name]
-    if getattr(_obj, "__module__", "").startswith("tiercache._"):
+    if getattr(_obj, "__module__", "").startswith("tiercache."):
         _obj.__module__ = "tiercache"
 del _name, _obj

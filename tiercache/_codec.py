@@ -101,16 +101,16 @@ class MsgpackSerializer:
         if t is tuple:
             return msgpack.ExtType(1, self.dumps(list(obj)))
         if t is int:  # out of the 64-bit range msgpack handles natively
-            return msgpack.ExtType(12, str(obj).encode())
+            return msgpack.ExtType(12, b"%x" % obj)  # hex: no decimal digit limit
         if isinstance(obj, enum.Enum):
             self._learn(t)
             return msgpack.ExtType(14, self.dumps([_class_name(t), obj.value]))
         if t is dt.datetime:
-            return msgpack.ExtType(2, obj.isoformat().encode())
+            return msgpack.ExtType(2, self.dumps([obj.replace(tzinfo=None).isoformat(), _offset_us(obj)]))
         if t is dt.date:
             return msgpack.ExtType(3, obj.isoformat().encode())
         if t is dt.time:
-            return msgpack.ExtType(4, obj.isoformat().encode())
+            return msgpack.ExtType(4, self.dumps([obj.replace(tzinfo=None).isoformat(), _offset_us(obj)]))
         if t is dt.timedelta:
             return msgpack.ExtType(5, self.dumps([obj.days, obj.seconds, obj.microseconds]))
         if t is decimal.Decimal:
@@ -153,11 +153,13 @@ class MsgpackSerializer:
         if code == 1:
             return tuple(self.loads(data))
         if code == 2:
-            return dt.datetime.fromisoformat(data.decode())
+            text, offset = self.loads(data)
+            return dt.datetime.fromisoformat(text).replace(tzinfo=_zone(offset))
         if code == 3:
             return dt.date.fromisoformat(data.decode())
         if code == 4:
-            return dt.time.fromisoformat(data.decode())
+            text, offset = self.loads(data)
+            return dt.time.fromisoformat(text).replace(tzinfo=_zone(offset))
         if code == 5:
             days, seconds, micros = self.loads(data)
             return dt.timedelta(days=days, seconds=seconds, microseconds=micros)
@@ -170,7 +172,7 @@ class MsgpackSerializer:
         if code == 9:
             return frozenset(self.loads(data))
         if code == 12:
-            return int(data.decode())
+            return int(data.decode(), 16)
         if code in (10, 11, 14):
             name, payload = self.loads(data)
             cls: Any = self._registered(name)
@@ -214,6 +216,19 @@ class PickleSerializer:
 
     def loads(self, data: bytes) -> Any:
         return pickle.loads(data)  # noqa: S301 - only reached after the HMAC verified
+
+
+def _offset_us(obj: dt.datetime | dt.time) -> int | None:
+    """The UTC offset in microseconds (exactly: isoformat loses sub-second offsets), or None.
+
+    A named zone (ZoneInfo) is stored as its offset at that moment: the value comes back with
+    a fixed-offset timezone, the same instant and wall time."""
+    offset = obj.utcoffset()
+    return None if offset is None else offset // dt.timedelta(microseconds=1)
+
+
+def _zone(offset_us: int | None) -> dt.tzinfo | None:
+    return None if offset_us is None else dt.timezone(dt.timedelta(microseconds=offset_us))
 
 
 def _class_name(cls: type) -> str:
@@ -346,7 +361,7 @@ class Codec:
         except CodecError:
             raise
         except Exception as exc:  # garbage from Redis is a miss, whatever it raises
-            raise CodecError(f"{key}: cannot decode body with {self.serializer.name}: {exc!r}") from exc
+            raise CodecError(f"{key}: cannot decode body with {self.serializer.name}: {repr(exc)[:200]}") from exc
 
     def _mac(self, key: str, header: bytes, body: bytes) -> bytes:
         assert self._key is not None
@@ -369,6 +384,8 @@ class Codec:
                 out = d.decompress(body, self._max_decoded)
                 if d.unconsumed_tail:
                     raise CodecError(f"{key}: decompressed value exceeds {self._max_decoded} bytes")
+                if not d.eof or d.unused_data:
+                    raise CodecError(f"{key}: zlib body is truncated or has trailing bytes")
                 return bytes(out)
             if compression == _ZSTD and self._zstd is not None:
                 # A stream reader honours the limit even when the frame declares a huge size.

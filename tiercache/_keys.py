@@ -65,14 +65,14 @@ def _encode(obj: Any, out: bytearray, path: str) -> None:
         out += b"s%d:" % len(b)
         out += b
     elif t is int:
-        out += b"i%d;" % obj
+        out += b"i%x;" % obj  # hex: no int-to-decimal digit limit (sys.set_int_max_str_digits)
     elif t is bool:
         out += b"T" if obj else b"F"
     elif obj is None:
         out += b"N"
     elif t is float:
         if obj != obj:  # noqa: PLR0124 - NaN
-            out += b"fnan"
+            out += b"n"  # its own tag: "f" is always followed by exactly 8 bytes
         else:
             # -0.0 == 0.0 in Python, so they must share a key (the memo treats them as equal).
             out += b"f" + struct.pack(">d", obj + 0.0)

@@ -34,7 +34,8 @@ def own_raw(own_redis: Any) -> Iterator[redis.Redis]:
 @pytest.fixture
 def make_cache(mode: Any, redis_server: Any, namespace: str) -> Iterator[Callable[..., TieredCache]]:
     """``make_cache(url=None, **kwargs)``: a TieredCache on the session server (or ``url``) in
-    this test's namespace, closed at teardown on the loop of ``mode`` (so async pools too)."""
+    this test's namespace, subscribed, and closed at teardown on the loop of ``mode`` (so its
+    async pool too)."""
     made: list[TieredCache] = []
 
     def make(url: str | None = None, **kwargs: Any) -> TieredCache:
@@ -43,6 +44,9 @@ def make_cache(mode: Any, redis_server: Any, namespace: str) -> Iterator[Callabl
             url = url or redis_server.url
         cache = TieredCache(url, **kwargs)
         made.append(cache)
+        # L1 takes entries only once the invalidation subscriber is subscribed: wait for it,
+        # so what a test expects of L1 does not depend on how fast that thread started.
+        assert cache.ready(10), "the cache's invalidation subscriber did not subscribe within 10 s"
         return cache
 
     yield make

@@ -10,6 +10,13 @@ import pytest
 import redis
 
 
+def ready(cache: Any) -> Any:
+    """``cache`` once its invalidation subscriber is subscribed (L1 is off until then), so that
+    what a test expects of L1 does not depend on how fast that thread started."""
+    assert cache.ready(10), "the cache's invalidation subscriber did not subscribe within 10 s"
+    return cache
+
+
 def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.02, what: str = "condition") -> Any:
     """Poll ``predicate`` until it returns something truthy (returned), or fail after ``timeout`` s."""
     deadline = time.monotonic() + timeout
@@ -28,10 +35,12 @@ def other_clients(raw: redis.Redis) -> list[dict[str, Any]]:
     return [c for c in raw.client_list() if int(c["id"]) != me]
 
 
-def start_again(server: Any) -> None:
-    """``server.start()`` on the same port after a kill, first closing the dead process's stderr
-    pipe (``RedisServer.start`` replaces ``proc`` without closing it: a ResourceWarning later)."""
-    proc = server.proc
-    if proc is not None and proc.poll() is not None and proc.stderr is not None:
-        proc.stderr.close()
-    server.start()
+def named_clients(raw: redis.Redis, name: str, *, subscribers: bool = True) -> int:
+    """How many connections the server has with CLIENT SETNAME ``name`` (e.g. from ``?client_name=``);
+    ``subscribers=False`` leaves out those subscribed to a channel (the invalidation subscriber)."""
+    return sum(1 for c in raw.client_list() if c.get("name") == name and (subscribers or str(c.get("sub", "0")) == "0"))
+
+
+def named_url(url: str, name: str) -> str:
+    """``url`` whose connections name themselves ``name``, to be counted with :func:`named_clients`."""
+    return f"{url}{'&' if '?' in url else '?'}client_name={name}"

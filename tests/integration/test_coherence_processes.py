@@ -45,9 +45,19 @@ def run_scenario(
     outs = [tmp_path / f"reader{i}.json" for i in range(READERS)]
     procs = [
         subprocess.Popen(
-            [sys.executable, str(READER), reader_url or cache_server.url, str(truth_server.port), namespace,
-             str(DURATION), str(BOUND), str(out)],
-            env=env, stdout=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                str(READER),
+                reader_url or cache_server.url,
+                str(truth_server.port),
+                namespace,
+                str(DURATION),
+                str(BOUND),
+                str(out),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         for out in outs
     ]

@@ -126,3 +126,46 @@ def test_l1_entry_is_gone_once_redis_expired_it(mode: Any, make_cache: Any, raw:
     time.sleep(0.005)
     assert mode.call(f, 1) == "computed", "L1 served a value Redis had already expired"
     assert calls == [1]
+
+
+class PreemptedClock:
+    """``time.time``, but every read first lets ``step`` seconds pass, as if the thread were
+    preempted right before each clock read (what a busy process does at random). An L1 expiry
+    fixed when the request was sent does not move; one recomputed from a later read does."""
+
+    def __init__(self, step: float) -> None:
+        self.step = step
+        self.enabled = True
+
+    def __call__(self) -> float:
+        if self.enabled:
+            time.sleep(self.step)
+        return time.time()
+
+
+@pytest.mark.parametrize("path", ["l2_hit", "fill", "set", "refresh"])
+def test_l1_expiry_does_not_drift_with_time_between_clock_reads(
+    mode: Any, make_cache: Any, raw: Any, path: str
+) -> None:
+    clock = PreemptedClock(0.003)
+    cache = make_cache(clock=clock, l1_ttl=60)
+    f = tiered(cache, name="drift", ttl=3)(mode.fn(lambda x: [x]))
+    excess = []
+    for i in range(8):
+        if path == "l2_hit":
+            key = f.key(i)
+            raw.set(key, cache._core.codec.encode(key, [i]), px=3000)
+            assert mode.call(f, i) == [i]
+        elif path == "fill":
+            key = f.key(i)
+            assert mode.call(f, i) == [i]
+        elif path == "set":
+            key = cache.key(f"d{i}")
+            mode.run(mode.api(cache).set(f"d{i}", [i], ttl=3))
+        else:
+            key = f.key(i)
+            assert mode.call(f.refresh, i) == [i]
+        clock.enabled = False  # measure with a plain clock
+        excess.append(l1_outlives_l2_by(cache, raw, key))
+        clock.enabled = True
+    assert_never_outlives(excess, f"{path} with 3 ms between clock reads")

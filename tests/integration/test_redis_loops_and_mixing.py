@@ -10,16 +10,17 @@ import warnings
 from typing import Any
 
 import pytest
+from integration_helpers import named_clients, named_url, ready, wait_until
 
 from tiercache import TieredCache, tiered
-
-from integration_helpers import other_clients, wait_until
 
 pytestmark = pytest.mark.redis
 
 
 def test_async_calls_work_across_successive_event_loops(redis_server: Any, raw: Any, namespace: str) -> None:
-    cache = TieredCache(redis_server.url, namespace=namespace)
+    """The same cache in two asyncio.run() calls, as a CLI or a test suite would use it: the
+    second loop must not reuse the first loop's connections, and both reach Redis."""
+    cache = ready(TieredCache(redis_server.url, namespace=namespace))
     calls: list[int] = []
 
     @tiered(cache, name="double")
@@ -29,16 +30,16 @@ def test_async_calls_work_across_successive_event_loops(redis_server: Any, raw: 
         return 2 * x
 
     async def first() -> list[int]:
-        try:
-            return [await double(1), await double(2)]
-        finally:
-            await cache.aclose()
+        return [await double(1), await double(2)]
 
     async def second() -> list[Any]:
+        planted = cache.key("planted")
+        raw.set(planted, cache._core.codec.encode(planted, "from redis"))
+        return [await double(3), await double(1), await cache.aio.get("planted")]
+
+    async def third() -> list[Any]:
         try:
-            planted = cache.key("planted")
-            raw.set(planted, cache._core.codec.encode(planted, "from redis"))
-            return [await double(3), await double(1), await cache.aio.get("planted")]
+            return [await double(4), await double(3)]
         finally:
             await cache.aclose()
 
@@ -47,72 +48,51 @@ def test_async_calls_work_across_successive_event_loops(redis_server: Any, raw: 
         assert raw.exists(double.key(1), double.key(2)) == 2
         assert asyncio.run(second()) == [6, 2, "from redis"]
         assert raw.exists(double.key(3)) == 1, "the miss in the second event loop did not reach Redis"
-        assert calls == [1, 2, 3]
+        assert asyncio.run(third()) == [8, 6]
+        assert raw.exists(double.key(4)) == 1, "the miss in the third event loop did not reach Redis"
+        assert calls == [1, 2, 3, 4]
         stats = cache.stats()
-        assert stats.backend_errors == 0, "Redis failed in the second event loop"
-        assert stats.l2_hits == 1
+        assert stats.backend_errors == 0, "Redis failed in a later event loop"
+        assert stats.l2_hits == 1  # only the planted value: the rest came from this process's L1
     finally:
         cache.close()
-
-
-def test_async_calls_work_across_event_loops_without_aclose(redis_server: Any, raw: Any, namespace: str) -> None:
-    """The loop a pool was made on is gone: the next asyncio.run must not reuse that pool."""
-    cache = TieredCache(redis_server.url, namespace=namespace)
-    f = tiered(cache, name="neg")(_async_neg)
-    results = []
-    try:
-        with warnings.catch_warnings():  # connections of finished loops: see the leak test below
-            warnings.simplefilter("ignore", ResourceWarning)
-            for i in range(3):
-                results.append(asyncio.run(f(i)))
-            assert results == [0, -1, -2]
-            assert raw.exists(*(f.key(i) for i in range(3))) == 3
-            assert cache.stats().backend_errors == 0
-    finally:
-        _forget(cache)
+    gc.collect()  # sockets of finished loops left open would warn (and fail) here, in this test
 
 
 async def _async_neg(x: int) -> int:
     return -x
 
 
-def _forget(cache: TieredCache) -> None:
-    """Drop the pools of finished loops and collect them now, with their warnings silenced,
-    so the sockets they leak do not turn into warnings in later tests."""
-    cache.close()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ResourceWarning)
-        pools = getattr(cache._async, "_pools", None)
-        if pools is not None:
-            pools.clear()
-        gc.collect()
-
-
 @pytest.mark.slow
 def test_finished_event_loops_release_their_connections(own_redis: Any, own_raw: Any, namespace: str) -> None:
-    """The async driver keeps a pool per event loop, "weakly, so a finished asyncio.run takes
-    its pool with it": five asyncio.run() calls must not leave five connections open."""
-    cache = TieredCache(own_redis.url, namespace=namespace)
+    """A pool per event loop: five asyncio.run() calls must not leave five pools' connections
+    open, and close() must leave none at all."""
+    cache = ready(TieredCache(named_url(own_redis.url, "tc-loops"), namespace=namespace))
     f = tiered(cache, name="neg")(_async_neg)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ResourceWarning)
-            for i in range(5):
+            warnings.simplefilter("ignore", ResourceWarning)  # asserted on below, by counting
+            assert asyncio.run(f(0)) == 0
+            after_one = named_clients(own_raw, "tc-loops", subscribers=False)
+            for i in range(1, 6):
                 assert asyncio.run(f(i)) == -i
             gc.collect()
             time.sleep(0.05)
-            open_conns = len(other_clients(own_raw))
-            pools = len(getattr(cache._async, "_pools", {}))
-        assert open_conns <= 1, (
-            f"{open_conns} connections still open after 5 finished event loops "
-            f"({pools} pools still referenced): pools of finished loops leak"
+            after_six = named_clients(own_raw, "tc-loops", subscribers=False)
+        assert after_six <= after_one, (
+            f"{after_six} connections open after 6 finished event loops, {after_one} after one: "
+            "pools of finished loops leak"
         )
     finally:
-        _forget(cache)
+        cache.close()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            gc.collect()
+    wait_until(lambda: named_clients(own_raw, "tc-loops") == 0, 5, what="no connection left after close()")
 
 
 def test_sync_and_async_functions_share_one_l1(redis_server: Any, raw: Any, namespace: str) -> None:
-    cache = TieredCache(redis_server.url, namespace=namespace)
+    cache = ready(TieredCache(redis_server.url, namespace=namespace))
     calls: list[tuple[str, int]] = []
 
     @tiered(cache, name="shared")
@@ -158,7 +138,7 @@ def test_sync_and_async_functions_share_one_l1(redis_server: Any, raw: Any, name
 
 def test_sync_and_async_callers_single_flight_one_load(redis_server: Any, raw: Any, namespace: str) -> None:
     """A thread loading a key and coroutines asking for it meanwhile: one load, everyone answered."""
-    cache = TieredCache(redis_server.url, namespace=namespace)
+    cache = ready(TieredCache(redis_server.url, namespace=namespace))
     started = threading.Event()
     release = threading.Event()
     calls: list[str] = []

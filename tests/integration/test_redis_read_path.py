@@ -12,6 +12,7 @@ import zlib
 from typing import Any
 
 import pytest
+from integration_helpers import ready
 
 from tiercache import TieredCache, tiered
 
@@ -71,7 +72,7 @@ def same(a: Any, b: Any) -> bool:
     if type(a) is not type(b):
         return False
     if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, dict):
         return a.keys() == b.keys() and all(same(v, b[k]) for k, v in a.items())
     if isinstance(a, float) and a == 0.0:
@@ -108,7 +109,7 @@ def test_miss_calls_once_and_stores_with_tiered_ttl(mode: Any, make_cache: Any, 
 
 
 def test_keyword_and_positional_calls_share_one_redis_entry(redis_server: Any, namespace: str, raw: Any) -> None:
-    cache = TieredCache(redis_server.url, namespace=namespace)
+    cache = ready(TieredCache(redis_server.url, namespace=namespace))
     calls: list[tuple[int, bool]] = []
 
     @tiered(cache)
@@ -252,6 +253,62 @@ def test_refresh_recomputes_and_overwrites(mode: Any, make_cache: Any, raw: Any)
     assert mode.call(fb.refresh, 2) == (2, 3)
     assert mode.call(fa, 2) == (2, 3)
     assert version[0] == 3
+
+
+def test_a_failed_load_does_not_keep_the_key_out_of_redis(mode: Any, make_cache: Any, raw: Any) -> None:
+    """The function raises once (its caller gets the exception); the next successful load is
+    stored in Redis as usual, and another instance reads it from there."""
+    a, b = make_cache(), make_cache()
+    attempts: list[int] = []
+
+    def flaky(x: int) -> list[int]:
+        attempts.append(x)
+        if len(attempts) == 1:
+            raise ValueError("transient failure")
+        return [x]
+
+    fa = tiered(a, name="flaky")(mode.fn(flaky))
+    fb = tiered(b, name="flaky")(mode.fn(lambda x: pytest.fail("b computed it: not stored in Redis")))
+    with pytest.raises(ValueError, match="transient"):
+        mode.call(fa, 1)
+    assert a.stats().load_errors == 1
+    assert mode.call(fa, 1) == [1]
+    assert raw.exists(fa.key(1)) == 1, (
+        f"the successful load after a failed one was not stored in Redis (keys there: {raw.keys(fa.key(1) + '*')})"
+    )
+    assert mode.call(fb, 1) == [1]
+
+
+def test_a_load_in_flight_while_the_subscriber_subscribes_is_stored(
+    mode: Any, own_redis: Any, own_raw: Any, make_cache: Any, namespace: str
+) -> None:
+    """A call made right after the cache is created, while its invalidation subscriber is still
+    subscribing (here: held up by CLIENT PAUSE, so the order is certain), is still stored in
+    Redis; and its lease does not keep other instances from storing the key."""
+    own_raw.execute_command("CLIENT", "PAUSE", "300", "ALL")
+    cache = TieredCache(own_redis.url, namespace=namespace, socket_timeout=3, connect_timeout=3)
+    try:
+        calls: list[int] = []
+
+        def load(x: int) -> list[int]:
+            calls.append(x)
+            assert cache.ready(5), "never subscribed"  # a load that outlasts the subscription
+            return [x, x]
+
+        f = tiered(cache, name="early")(mode.fn(load))
+        assert mode.call(f, 1) == [1, 1]
+        assert own_raw.exists(f.key(1)) == 1, (
+            f"not stored in Redis (keys there: {own_raw.keys(f.key(1) + '*')}, lease PTTL "
+            f"{own_raw.pttl(f.key(1) + ':lease')} ms)"
+        )
+    finally:
+        if mode.is_async:
+            mode.run(cache.aclose())
+        cache.close()
+    other = make_cache(url=own_redis.url)
+    g = tiered(other, name="early")(mode.fn(lambda x: [x, "other"]))
+    assert mode.call(g, 1) == [1, 1]
+    assert own_raw.exists(g.key(1)) == 1
 
 
 @pytest.mark.parametrize("serializer", ["msgpack", "pickle"])

@@ -85,6 +85,4 @@ def test_nodes_never_serve_a_value_the_model_forbids(redis_server: RedisServer) 
             for cache in getattr(self, "caches", []):
                 assert cache.stats().in_flight == 0
 
-    run_state_machine_as_test(
-        Nodes, settings=settings(max_examples=15, stateful_step_count=25, deadline=None)
-    )
+    run_state_machine_as_test(Nodes, settings=settings(max_examples=15, stateful_step_count=25, deadline=None))

@@ -8,6 +8,7 @@ import os
 import pickle
 import sys
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,26 @@ def _reset_tripped() -> None:
     TRIPPED.clear()
 
 
+@pytest.fixture
+def server() -> fakeredis.FakeServer:
+    return fakeredis.FakeServer()
+
+
+@pytest.fixture
+def make_cache(server: fakeredis.FakeServer) -> Iterator[Callable[..., TieredCache]]:
+    caches: list[TieredCache] = []
+
+    def make(**kwargs: Any) -> TieredCache:
+        cache = TieredCache(client=fakeredis.FakeRedis(server=server), namespace="codec", **kwargs)
+        caches.append(cache)
+        assert cache.ready()
+        return cache
+
+    yield make
+    for cache in caches:
+        cache.close()
+
+
 def evil_pickle(path: Path) -> bytes:
     return pickle.dumps(Evil(path), protocol=pickle.HIGHEST_PROTOCOL)
 
@@ -70,7 +91,7 @@ def test_evil_payload_is_live(tmp_path: Path) -> None:
     target = tmp_path / "control"
     assert pickle.loads(evil_pickle(target)) == "pwned"
     assert target.is_dir()
-    assert TRIPPED == [str(target)]
+    assert [str(target)] == TRIPPED
 
 
 # -- compression ---------------------------------------------------------------------------
@@ -415,12 +436,11 @@ def test_signed_cache_refuses_unsigned_msgpack() -> None:
         unsigned_reader.decode(KEY, signed.encode(KEY, "x"))
 
 
-def test_evil_pickle_planted_in_redis_is_a_miss(tmp_path: Path) -> None:
-    server = fakeredis.FakeServer()
+def test_evil_pickle_planted_in_redis_is_a_miss(
+    tmp_path: Path, server: fakeredis.FakeServer, make_cache: Callable[..., TieredCache]
+) -> None:
     raw = fakeredis.FakeRedis(server=server)
-    cache = TieredCache(
-        client=fakeredis.FakeRedis(server=server), namespace="codec", serializer=PickleSerializer(), signing_key=SECRET
-    )
+    cache = make_cache(serializer=PickleSerializer(), signing_key=SECRET)
     calls: list[int] = []
 
     @tiered(cache)
@@ -451,10 +471,9 @@ def test_max_value_bytes() -> None:
     codec.encode(KEY, b"\x00" * 100_000)  # compresses below the limit
 
 
-def test_max_value_bytes_through_cache() -> None:
-    server = fakeredis.FakeServer()
+def test_max_value_bytes_through_cache(server: fakeredis.FakeServer, make_cache: Callable[..., TieredCache]) -> None:
     raw = fakeredis.FakeRedis(server=server)
-    cache = TieredCache(client=fakeredis.FakeRedis(server=server), namespace="codec", max_value_bytes=1000)
+    cache = make_cache(max_value_bytes=1000)
     with pytest.raises(ValueTooLargeError):
         cache.set("big", os.urandom(2000))
     assert raw.get(cache.key("big")) is None
@@ -496,3 +515,27 @@ def test_unencodable_value_is_codec_error() -> None:
         codec.encode(KEY, {"f": lambda: 1})
     with pytest.raises(CodecError):
         Codec(JsonSerializer()).encode(KEY, {1, 2})
+
+
+@pytest.mark.parametrize("kind", ["datetime", "time"])
+def test_sub_second_utc_offset_round_trips(kind: str) -> None:
+    """timezone() accepts any offset under a day, microseconds included; the value must come back
+    as the same instant (CPython 3.11's fromisoformat reads "+00:00:00.000001" as UTC)."""
+    import datetime as dt
+
+    tz = dt.timezone(dt.timedelta(microseconds=1))
+    value: Any = dt.datetime(2024, 5, 6, 7, 8, 9, tzinfo=tz) if kind == "datetime" else dt.time(7, 8, 9, tzinfo=tz)
+    codec = Codec(MsgpackSerializer())
+    back = codec.decode(KEY, codec.encode(KEY, value))
+    assert back.utcoffset() == value.utcoffset()
+    assert back == value
+
+
+@pytest.mark.parametrize(
+    "n", [2**64, -(2**63) - 1, 2**20000, -(2**20000) + 7], ids=["2^64", "-2^63-1", "2^20000", "-2^20000+7"]
+)
+def test_int_of_any_size_round_trips(n: int) -> None:
+    """The docstring promises int of any size, including past int->str's 4300-digit limit."""
+    for codec in (Codec(MsgpackSerializer()), Codec(MsgpackSerializer(), compression=None)):
+        assert codec.decode(KEY, codec.encode(KEY, n)) == n
+        assert codec.decode(KEY, codec.encode(KEY, [n, (n,)])) == [n, (n,)]

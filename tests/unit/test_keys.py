@@ -9,6 +9,7 @@ import enum
 import itertools
 import struct
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import fakeredis
@@ -27,9 +28,12 @@ def cache() -> TieredCache:
 
 
 @pytest.fixture
-def fake_cache() -> TieredCache:
+def fake_cache() -> Iterator[TieredCache]:
     server = fakeredis.FakeServer()
-    return TieredCache(client=fakeredis.FakeRedis(server=server), namespace="keys")
+    cache = TieredCache(client=fakeredis.FakeRedis(server=server), namespace="keys")
+    assert cache.ready()  # L1 takes entries once the invalidation subscriber is subscribed
+    yield cache
+    cache.close()
 
 
 def one(x: Any) -> Any:
