@@ -25,33 +25,44 @@ __all__ = ["AsyncRedis", "drive"]
 
 
 class AsyncRedis:
-    """Executes RedisOps on a ``redis.asyncio`` pool of the running event loop."""
+    """Executes RedisOps on a ``redis.asyncio`` pool of the running event loop.
 
-    __slots__ = ("_fixed", "_lock", "_make_pool", "_pools")
+    Pools tiercache makes itself are plain ``ConnectionPool`` s bounded by an
+    ``asyncio.Semaphore(pool_size)``: callers past the bound wait up to ``pool_timeout`` for a
+    connection (redis-py's plain pool would raise MaxConnectionsError instead), and a
+    connection is had without the ``BlockingConnectionPool``'s per-checkout timeout context
+    and Condition, about 17 µs per round trip on the machine we measure on.
+    """
+
+    __slots__ = ("_fixed", "_limit", "_lock", "_make_pool", "_pools", "_wait")
 
     def __init__(
         self,
         make_pool: Callable[[], redis.asyncio.ConnectionPool] | None = None,
         pool: redis.asyncio.ConnectionPool | None = None,
+        limit: int = 64,
+        wait: float = 1.0,
     ) -> None:
         self._make_pool = make_pool
         self._fixed = pool
+        self._limit = limit
+        self._wait = wait
         # Strong references: a loop that ended (asyncio.run returned) stays here until its
-        # pool's sockets are closed by _discard_closed(), instead of leaking them to the GC.
-        self._pools: dict[asyncio.AbstractEventLoop, redis.asyncio.ConnectionPool] = {}
+        # pool's sockets are closed by discard_closed(), instead of leaking them to the GC.
+        self._pools: dict[asyncio.AbstractEventLoop, tuple[redis.asyncio.ConnectionPool, asyncio.Semaphore]] = {}
         self._lock = threading.Lock()
 
-    def _pool(self) -> redis.asyncio.ConnectionPool:
+    def _pool(self) -> tuple[redis.asyncio.ConnectionPool, asyncio.Semaphore | None]:
         if self._fixed is not None:
-            return self._fixed
+            return self._fixed, None
         loop = asyncio.get_running_loop()
-        pool = self._pools.get(loop)
-        if pool is None:
+        entry = self._pools.get(loop)
+        if entry is None:
             assert self._make_pool is not None
             self.discard_closed()
             with self._lock:
-                pool = self._pools[loop] = self._make_pool()
-        return pool
+                entry = self._pools[loop] = (self._make_pool(), asyncio.Semaphore(self._limit))
+        return entry
 
     def forget_pools(self) -> None:
         """After a fork: drop (without closing: the parent still uses those sockets) the pools."""
@@ -63,7 +74,7 @@ class AsyncRedis:
         """Close the sockets of pools whose event loop has closed (nothing can await them now)."""
         with self._lock:
             closed = [loop for loop in self._pools if loop.is_closed()]
-            pools = [self._pools.pop(loop) for loop in closed]
+            pools = [self._pools.pop(loop)[0] for loop in closed]
         for pool in pools:
             _close_sockets(pool)
 
@@ -73,7 +84,23 @@ class AsyncRedis:
                 "async calls need async_client=redis.asyncio.Redis(...) here: the sync client= "
                 "uses a connection class tiercache cannot mirror for asyncio"
             )
-        pool = self._pool()
+        pool, bound = self._pool()
+        if bound is not None:
+            if bound.locked():
+                try:
+                    await asyncio.wait_for(bound.acquire(), self._wait)
+                except asyncio.TimeoutError:
+                    busy = redis.ConnectionError(f"no connection free within pool_timeout={self._wait} s")
+                    raise RemoteFailure() from busy
+            else:
+                await bound.acquire()
+        try:
+            return await self._execute(pool, op)
+        finally:
+            if bound is not None:
+                bound.release()
+
+    async def _execute(self, pool: redis.asyncio.ConnectionPool, op: RedisOp) -> Any:
         try:
             conn = await pool.get_connection()  # type: ignore[no-untyped-call]
         except (redis.RedisError, OSError) as exc:
@@ -106,8 +133,9 @@ class AsyncRedis:
             await self._fixed.disconnect()
             return
         with self._lock:
-            pool = self._pools.pop(asyncio.get_running_loop(), None)
-        if pool is not None:
+            entry = self._pools.pop(asyncio.get_running_loop(), None)
+        if entry is not None:
+            pool = entry[0]
             await pool.disconnect()
         self.discard_closed()
 

@@ -414,11 +414,18 @@ def _connect(
     if async_url is not None:
 
         def make_async_pool() -> redis.asyncio.ConnectionPool:
-            retry = AsyncRetry(NoBackoff(), 0)
-            return redis.asyncio.BlockingConnectionPool.from_url(async_url, retry=retry, **common)
+            return redis.asyncio.ConnectionPool.from_url(
+                async_url,
+                retry=AsyncRetry(NoBackoff(), 0),
+                max_connections=pool_size,
+                socket_timeout=socket_timeout,
+                socket_connect_timeout=connect_timeout,
+            )
 
-        return _sync.SyncRedis(sync_pool), _async.AsyncRedis(make_pool=make_async_pool)
-    return _sync.SyncRedis(sync_pool), _async.AsyncRedis(make_pool=_async_twin(sync_pool, common))
+        make: Callable[[], Any] | None = make_async_pool
+    else:
+        make = _async_twin(sync_pool, common)
+    return _sync.SyncRedis(sync_pool), _async.AsyncRedis(make_pool=make, limit=pool_size, wait=pool_timeout)
 
 
 def _async_twin(sync_pool: redis.ConnectionPool, common: dict[str, Any]) -> Callable[[], Any] | None:
@@ -442,11 +449,10 @@ def _async_twin(sync_pool: redis.ConnectionPool, common: dict[str, Any]) -> Call
     kwargs.update({k: common[k] for k in ("socket_timeout", "socket_connect_timeout")})
 
     def make() -> redis.asyncio.ConnectionPool:
-        return redis.asyncio.BlockingConnectionPool(
+        return redis.asyncio.ConnectionPool(
             connection_class=twin,
             retry=AsyncRetry(NoBackoff(), 0),
             max_connections=common["max_connections"],
-            timeout=common["timeout"],
             **kwargs,
         )
 

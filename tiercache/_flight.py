@@ -20,31 +20,37 @@ from ._local import LocalCache
 __all__ = ["Flight", "FlightTable", "Signal"]
 
 
+# One lock for every Signal: waiting is rare (only concurrent misses of one key), and a lock
+# per flight would be allocated on every miss and every L2 hit.
+_SIGNALS = threading.Lock()
+
+
 class Signal:
     """Something that ends once; waiters register a callback run (in any thread) when it does."""
 
-    __slots__ = ("_callbacks", "_lock", "done")
+    __slots__ = ("_callbacks", "done")
 
     def __init__(self) -> None:
         self.done = False
-        self._callbacks: list[Callable[[], None]] = []
-        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[], None]] | None = None
 
     def add_waiter(self, callback: Callable[[], None]) -> bool:
         """Run ``callback`` when this ends; False (and no call) if it has ended already."""
-        with self._lock:
+        with _SIGNALS:
             if self.done:
                 return False
+            if self._callbacks is None:
+                self._callbacks = []
             self._callbacks.append(callback)
             return True
 
     def _end(self) -> None:
-        with self._lock:
+        with _SIGNALS:
             if self.done:
                 return
             self.done = True
-            callbacks, self._callbacks = self._callbacks, []
-        for callback in callbacks:
+            callbacks, self._callbacks = self._callbacks, None
+        for callback in callbacks or ():
             callback()
 
 
@@ -90,6 +96,8 @@ class FlightTable:
 
     def reset(self) -> None:
         """After a fork: the loads and writes in flight belonged to threads that are gone."""
+        global _SIGNALS  # noqa: PLW0603 - another thread may have held it at the fork
+        _SIGNALS = threading.Lock()
         self._lock = threading.Lock()
         self._flights = {}
         self._watches = {}
@@ -118,7 +126,7 @@ class FlightTable:
 
     def fill(self, flight: Flight, value: Any, expires_at: float, size: int) -> None:
         """Put a load's result into L1 (until ``expires_at``) unless an invalidation overtook it."""
-        if not self._local.accepting:
+        if not self._local.accepting or self._local.maxsize <= 0:
             return
         with self._lock:
             if not flight.dirty:

@@ -95,6 +95,7 @@ class Core:
         self.counters = Counters()
         self.flights = FlightTable(local)
         self.breaker = Breaker(threshold=5, cooldown=1.0, clock=clock)
+        self._last_failure: BaseException | None = None  # the cause of "breaker open" errors
         self.log = RateLimitedLog(clock=clock)
         #: The invalidation bus, when other processes can share this namespace. Until its
         #: subscriber confirms a subscription, L1 takes no entries (invariant 4).
@@ -322,7 +323,9 @@ class Core:
             return FAILED
         if not self.breaker.allow():
             if self.strict and not quiet:
-                raise BackendError("Redis circuit breaker is open after repeated failures")
+                raise BackendError(
+                    f"Redis circuit breaker is open after repeated failures, the last: {self._last_failure!r}"
+                ) from self._last_failure
             return FAILED
         try:
             reply = yield op
@@ -330,6 +333,7 @@ class Core:
             self.breaker.failure()
             self.counters.backend_errors += 1
             cause = failure.__cause__
+            self._last_failure = cause
             what = f"{type(cause).__name__}: {cause}"
             self.log.emit("backend", "tiercache: Redis %s failed, answering without it: %s", op.args[0], what)
             if self.strict and not quiet:
