@@ -206,5 +206,7 @@ async def drive(flow: Flow, remote: AsyncRedis | None, call: Callable[[], Awaita
                 await wait(step.signal, step.timeout)
             else:
                 reply = await remote.execute(step)  # type: ignore[union-attr]
+        except RemoteFailure as failure:  # a reply like any other: the flow settles it
+            reply = failure
         except BaseException as exc:  # noqa: BLE001 - thrown into the flow, which decides
             error = exc

@@ -40,6 +40,8 @@ class _Call:
 #: Yielded by a flow to have the driver call the user's function (and send back its result).
 CALL: Any = _Call()
 
+_SKIPPED: Any = object()  # a Redis step not sent (no Redis, or the breaker is open)
+
 
 class Wait:
     """Yielded by a flow to have the driver block (or await) until ``signal`` ends, or until
@@ -180,7 +182,7 @@ class Core:
         marker = LEASE_PREFIX + b"%s:%d" % (self._marker_base, next(self._markers)) if load else b""
         op = _remote.fetch(key, marker, self.lease_ms) if load else _remote.peek(key)
         sent_at = self.clock()
-        found = yield from self._remote(op)
+        found = self._settle(op, (yield op) if self._allow() else _SKIPPED)
         unreadable: bytes | None = None
         if isinstance(found, tuple):
             data, pttl = found
@@ -207,12 +209,12 @@ class Core:
         except Exception:
             self.counters.load_errors += 1
             if found is True:  # hand the key back now rather than after the lease TTL
-                yield from self._remote(_remote.release(key, marker), quiet=True)
+                yield from self._quietly(_remote.release(key, marker))
             raise
         data = self._encode_or_none(key, value)
         if data is None:
             if found is True:
-                yield from self._remote(_remote.release(key, marker), quiet=True)
+                yield from self._quietly(_remote.release(key, marker))
             return value
         ttl_s = self.ttl if ttl is None else ttl
         sent_at = self.clock()
@@ -220,10 +222,12 @@ class Core:
             # invariant 3: lands only if no write or invalidation of the key came since the
             # miss (they delete the lease). The lease, not our local dirty mark, decides: a
             # local flush on resubscribe says nothing about Redis.
-            yield from self._remote(_remote.fill(key, marker, data, _ms(ttl_s)))
+            op = _remote.fill(key, marker, data, _ms(ttl_s))
+            self._settle(op, (yield op) if self._allow() else _SKIPPED)
         elif unreadable is not None:
             # Replace the unreadable bytes, unless someone wrote the key meanwhile.
-            yield from self._remote(_remote.replace(key, unreadable, data, _ms(ttl_s)))
+            op = _remote.replace(key, unreadable, data, _ms(ttl_s))
+            self._settle(op, (yield op) if self._allow() else _SKIPPED)
         # invariant 2: fill() keeps a load overtaken by an invalidation out of L1. The Redis
         # copy's TTL started after sent_at, so L1's, counted from sent_at, ends no later.
         self.flights.fill(flight, value, sent_at + min(self._l1_ttl(l1_ttl), ttl_s), len(data))
@@ -274,7 +278,7 @@ class Core:
         sent_at = self.clock()
         op = _remote.write(self.seq_key, self.channel, self.node_id, keys, datas, _ms(ttl), ack_key)
         try:
-            reply = yield from self._remote(op)
+            reply = self._settle(op, (yield op) if self._allow() else _SKIPPED)
         except BaseException:
             self.flights.abort_write(watches)
             raise
@@ -305,34 +309,44 @@ class Core:
             left = deadline - self.clock()
             if left <= 0:
                 break
-            got = yield from self._remote(_remote.await_ack(ack_key, min(left, self.block_slice)))
+            op = _remote.await_ack(ack_key, min(left, self.block_slice))
+            got = self._settle(op, (yield op) if self._allow() else _SKIPPED)
             if got is FAILED:
                 break
             acked += got
             if got and acked < expected:
-                more = yield from self._remote(_remote.take_acks(ack_key, expected - acked))
+                op = _remote.take_acks(ack_key, expected - acked)
+                more = self._settle(op, (yield op) if self._allow() else _SKIPPED)
                 acked += 0 if more is FAILED else more
         return min(acked, expected)
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def _remote(self, op: RedisOp, quiet: bool = False) -> Flow:
-        """One Redis round trip with fail-open: the reply, or FAILED (strict: BackendError,
-        unless ``quiet``: clean-up steps never replace the error being raised)."""
+    # Every Redis step of a flow is ``reply = self._settle(op, (yield op) if self._allow() else
+    # _SKIPPED)``: one generator frame, not a helper generator per step (this is the L2-hit path).
+    # The drivers send a RemoteFailure back as the reply instead of throwing it in.
+
+    def _allow(self, quiet: bool = False) -> bool:
+        """Whether to send a Redis command now (no Redis configured, or the breaker is open: no)."""
         if not self.has_remote:
+            return False
+        if self.breaker.allow():
+            return True
+        if self.strict and not quiet:
+            raise BackendError(
+                f"Redis circuit breaker is open after repeated failures, the last: {self._last_failure!r}"
+            ) from self._last_failure
+        return False
+
+    def _settle(self, op: RedisOp, reply: Any, quiet: bool = False) -> Any:
+        """The reply of ``op``, or FAILED with fail-open (strict: BackendError, unless ``quiet``:
+        clean-up steps never replace the error being raised)."""
+        if reply is _SKIPPED:
             return FAILED
-        if not self.breaker.allow():
-            if self.strict and not quiet:
-                raise BackendError(
-                    f"Redis circuit breaker is open after repeated failures, the last: {self._last_failure!r}"
-                ) from self._last_failure
-            return FAILED
-        try:
-            reply = yield op
-        except RemoteFailure as failure:
+        if type(reply) is RemoteFailure:
             self.breaker.failure()
             self.counters.backend_errors += 1
-            cause = failure.__cause__
+            cause = reply.__cause__
             self._last_failure = cause
             what = f"{type(cause).__name__}: {cause}"
             self.log.emit("backend", "tiercache: Redis %s failed, answering without it: %s", op.args[0], what)
@@ -341,6 +355,10 @@ class Core:
             return FAILED
         self.breaker.success()
         return reply
+
+    def _quietly(self, op: RedisOp) -> Flow:
+        """A clean-up step: failures are only counted and logged, even in strict mode."""
+        return self._settle(op, (yield op) if self._allow(quiet=True) else _SKIPPED, quiet=True)
 
     def _encode_or_none(self, key: str, value: Any) -> bytes | None:
         try:

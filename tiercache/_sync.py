@@ -89,6 +89,8 @@ def drive(flow: Flow, remote: SyncRedis | None, call: Callable[[], Any] | None) 
                 wait(step.signal, step.timeout)
             else:
                 reply = remote.execute(step)  # type: ignore[union-attr]
+        except RemoteFailure as failure:  # a reply like any other: the flow settles it
+            reply = failure
         except BaseException as exc:  # noqa: BLE001 - thrown into the flow, which decides
             error = exc
 
