@@ -95,8 +95,12 @@ def percentile(values: list[float], p: float) -> float:
 # -- processes -----------------------------------------------------------------------------
 
 
-def reader(url: str, namespace: str, busy: bool, seconds: float, ready: Any, results: Any) -> None:
+def reader(
+    url: str, namespace: str, busy: bool, seconds: float, ready: Any, results: Any, switch: float | None = None
+) -> None:
     """Records when each invalidation message was applied by this process's subscriber."""
+    if switch is not None:
+        sys.setswitchinterval(switch)
     cache = TieredCache(url, namespace=namespace)
     bus = cache._core.bus
     assert bus is not None
@@ -131,11 +135,15 @@ def reader(url: str, namespace: str, busy: bool, seconds: float, ready: Any, res
     cache.close()
 
 
-def run_latency(url: str, rate: int, seconds: float, busy: bool, readers: int = 3) -> dict[str, Any]:
+def run_latency(
+    url: str, rate: int, seconds: float, busy: bool, readers: int = 3, switch: float | None = None
+) -> dict[str, Any]:
     namespace = f"lat{os.getpid()}{int(busy)}"
     ctx = mp.get_context("spawn")
     ready, results = ctx.Queue(), ctx.Queue()
-    procs = [ctx.Process(target=reader, args=(url, namespace, busy, seconds, ready, results)) for _ in range(readers)]
+    procs = [
+        ctx.Process(target=reader, args=(url, namespace, busy, seconds, ready, results, switch)) for _ in range(readers)
+    ]
     for p in procs:
         p.start()
     for _ in procs:
@@ -166,6 +174,8 @@ def run_latency(url: str, rate: int, seconds: float, busy: bool, readers: int = 
     missing = sum(1 for out in outs for seq in sent if seq not in out["applied"])
     return {
         "busy": busy,
+        "readers": readers,
+        "switch_interval": switch,
         "rate_target": rate,
         "rate_achieved": round(achieved),
         "samples": len(latencies),
@@ -325,6 +335,8 @@ def main() -> None:
     try:
         report["latency_idle"] = run_latency(server.url, args.rate, seconds, busy=False)
         report["latency_busy"] = run_latency(server.url, args.rate, seconds, busy=True)
+        report["latency_busy_1"] = run_latency(server.url, args.rate, seconds, busy=True, readers=1)
+        report["latency_busy_switch"] = run_latency(server.url, args.rate, seconds, busy=True, switch=0.0005)
         report["stale"] = run_stale(server, seconds)
         report["wait"] = run_wait(server.url, 200 if args.quick else 1000)
         report["throughput"] = run_throughput(server.url, 1.0 if args.quick else 3.0)
@@ -334,12 +346,15 @@ def main() -> None:
         f"python {report['python']}, redis-server {report['redis_server']}, redis-py {report['redis_py']}, "
         f"{report['cpus']} cpus"
     )
-    print("\npropagation latency, 3 reader processes, writer call -> reader subscriber applied (ms)")
-    print(f"{'readers':<8} {'rate/s':>8} {'samples':>8} {'lost':>5} {'p50':>8} {'p99':>8} {'max':>8}")
-    for name in ("latency_idle", "latency_busy"):
+    print("\npropagation latency, writer call -> reader subscriber applied (ms)")
+    print(f"{'readers':<34} {'rate/s':>8} {'samples':>8} {'lost':>5} {'p50':>8} {'p99':>8} {'max':>8}")
+    for name in ("latency_idle", "latency_busy", "latency_busy_1", "latency_busy_switch"):
         r = report[name]
+        label = f"{r['readers']} {'busy' if r['busy'] else 'idle'}"
+        if r["switch_interval"]:
+            label += f", sys.setswitchinterval({r['switch_interval']})"
         print(
-            f"{'busy' if r['busy'] else 'idle':<8} {r['rate_achieved']:>8} {r['samples']:>8} "
+            f"{label:<34} {r['rate_achieved']:>8} {r['samples']:>8} "
             f"{r['not_applied']:>5} {r['p50_ms']:>8} {r['p99_ms']:>8} {r['max_ms']:>8}"
         )
     s = report["stale"]

@@ -95,6 +95,12 @@ def drive(flow: Flow, remote: SyncRedis | None, call: Callable[[], Any] | None) 
             error = exc
 
 
+try:  # redis-py's marker for "no complete reply buffered" in its hiredis reader
+    from redis._parsers.hiredis import NOT_ENOUGH_DATA as _NOT_ENOUGH_DATA
+except ImportError:  # pragma: no cover - another redis-py layout: use the portable loop
+    _NOT_ENOUGH_DATA = None
+
+
 class HalfOpenError(ConnectionError):
     """The subscriber's connection stayed silent past the health deadline."""
 
@@ -185,6 +191,50 @@ class Subscriber:
             backoff = min(backoff * 2, self.MAX_BACKOFF)
 
     def _listen(self, conn: redis.Connection) -> None:
+        reader = getattr(getattr(conn, "_parser", None), "_reader", None)
+        sock = getattr(conn, "_sock", None)
+        if reader is not None and sock is not None and _NOT_ENOUGH_DATA is not None:
+            self._listen_raw(sock, reader)
+        else:  # redis-py's pure-Python parsers: read through the connection
+            self._listen_conn(conn)
+
+    def _listen_raw(self, sock: socket.socket, reader: Any) -> None:
+        """The loop on the raw socket and redis-py's hiredis reader: one blocking ``recv`` per
+        batch and no other call that releases the GIL. A thread that must take the GIL back
+        after each release waits up to ``sys.getswitchinterval()`` (5 ms) behind a busy
+        thread, so in a CPU-bound process every release costs latency."""
+        clock = time.monotonic
+        last_heard = clock()
+        ping_sent: float | None = None
+        while not self._stopping.is_set():
+            payloads: list[bytes] = []
+            heard = False
+            while (reply := reader.gets()) is not _NOT_ENOUGH_DATA:
+                heard = True
+                if isinstance(reply, list) and len(reply) == 3 and reply[0] == b"message":
+                    payloads.append(reply[2])
+            if heard:
+                last_heard, ping_sent = clock(), None
+                if payloads:
+                    self._apply(payloads)
+            now = clock()
+            due = last_heard + self._interval if ping_sent is None else ping_sent + self._deadline
+            if now >= due:
+                if ping_sent is not None:
+                    raise HalfOpenError(f"no reply to PING within {self._deadline} s")
+                sock.sendall(b"*1\r\n$4\r\nPING\r\n")
+                ping_sent = now
+                continue
+            sock.settimeout(due - now)
+            try:
+                data = sock.recv(65536)
+            except TimeoutError:
+                continue
+            if not data:
+                raise redis.ConnectionError("the server closed the subscriber connection")
+            reader.feed(data)
+
+    def _listen_conn(self, conn: redis.Connection) -> None:
         clock = time.monotonic
         last_heard = clock()
         ping_sent: float | None = None
@@ -214,6 +264,9 @@ class Subscriber:
                 payloads.append(reply[2])
             if not conn.can_read(timeout=0):
                 break
+        self._apply(payloads)
+
+    def _apply(self, payloads: list[bytes]) -> None:
         for ack_key in self._bus.handle(payloads):
             try:
                 self._remote.execute(ack(ack_key, self._bus.node_id))
