@@ -193,7 +193,7 @@ class Subscriber:
     def _listen(self, conn: redis.Connection) -> None:
         reader = getattr(getattr(conn, "_parser", None), "_reader", None)
         sock = getattr(conn, "_sock", None)
-        if reader is not None and sock is not None and _NOT_ENOUGH_DATA is not None:
+        if reader is not None and isinstance(sock, socket.socket) and _NOT_ENOUGH_DATA is not None:
             self._listen_raw(sock, reader)
         else:  # redis-py's pure-Python parsers: read through the connection
             self._listen_conn(conn)
