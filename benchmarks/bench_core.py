@@ -458,7 +458,7 @@ def section_l2(env: Env) -> list[Case]:
     araw = redis.asyncio.Redis(host="127.0.0.1", port=port)
     env.sync_closers.append(raw.close)
     env.async_closers.append(araw.aclose)
-    # l1_maxsize=0 turns L1 off: every call is an L2 read (EVALSHA of GET+PTTL, decode).
+    # l1_maxsize=0 turns L1 off: every call is an L2 read (SET NX GET + PTTL pipelined, decode).
     cache = env.tiered_cache(namespace="bench.l2", ttl=TTL, l1_maxsize=0)
 
     for size_label, size in (("100 B", 100), ("10 KB", 10 * 1024)):

@@ -231,6 +231,7 @@ class TieredCache:
                 self._sync, self._core.bus, self._core.seq_key, half, half, self._core.log
             )
             self._subscriber.start()
+            self._core.poll = self._subscriber.poll
 
     def _after_fork_in_child(self) -> None:
         """A forked child has none of the parent's threads: no subscriber, and locks that may
@@ -244,7 +245,9 @@ class TieredCache:
 
     def close(self) -> None:
         """Stop the subscriber and disconnect the sync pool (``await cache.aclose()`` also
-        disconnects the running event loop's pool). L1 is not served after this."""
+        disconnects the running event loop's pool). With a subscriber, L1 is not served after
+        this (nothing would keep it coherent); an L1-only or ``coherent=False`` cache keeps
+        serving its L1."""
         self._closed = True
         _LIVE.discard(self)
         if self._subscriber is not None:
@@ -277,7 +280,7 @@ class TieredCache:
     def _own(self, redis_keys: tuple[str, ...]) -> tuple[str, ...]:
         prefix = f"tc:{self.namespace}:{FORMAT_VERSION}:"
         for k in redis_keys:
-            if not isinstance(k, str) or not k.startswith(prefix) or k.endswith(":lease"):
+            if not isinstance(k, str) or not k.startswith(prefix):
                 raise KeyEncodingError(
                     f"invalidate({k!r}): not a key of namespace {self.namespace!r}; pass f.key(...) "
                     "of a decorated function or cache.key(user_key), or use cache.delete(user_key)"

@@ -286,6 +286,9 @@ class _AsyncTiered(_Tiered):
         return await _async.drive(flow, self._cache._async, functools.partial(self._fn, *args, **kwargs))
 
 
+_POLL_EVERY = 256
+
+
 def _hit_path(t: _Tiered) -> Callable[[tuple[Any, ...], dict[str, Any]], Any]:
     """The L1 lookup of one decorated function, shared by its sync and async wrappers: the
     key (single-argument calls from a per-type memo, without building a tuple), then the
@@ -297,8 +300,15 @@ def _hit_path(t: _Tiered) -> Callable[[tuple[Any, ...], dict[str, Any]], Any]:
     move_to_end = local._data.move_to_end
     clock = local._clock
     counters = t._core.counters
+    core = t._core
+    countdown = _POLL_EVERY
 
     def hit(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        nonlocal countdown
+        countdown -= 1
+        if not countdown:  # let invalidations that arrived in while we hold the GIL apply now
+            countdown = _POLL_EVERY
+            core.poll()
         if len(args) == 1 and not kwargs:
             memo = single.get(type(args[0]))
             key = memo.get(args[0]) if memo is not None else None

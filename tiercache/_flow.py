@@ -98,6 +98,9 @@ class Core:
         self.flights = FlightTable(local)
         self.breaker = Breaker(threshold=5, cooldown=1.0, clock=clock)
         self._last_failure: BaseException | None = None  # the cause of "breaker open" errors
+        #: Applies invalidations that have arrived, from a caller's thread (set by the cache
+        #: when it runs a subscriber; see _sync.Subscriber.poll).
+        self.poll: Callable[[], None] = _nothing
         self.log = RateLimitedLog(clock=clock)
         #: The invalidation bus, when other processes can share this namespace. Until its
         #: subscriber confirms a subscription, L1 takes no entries (invariant 4).
@@ -197,7 +200,8 @@ class Core:
                 # An L1 copy never outlives its L2 copy: the TTL left in Redis came in the same
                 # reply, measured by Redis after we sent the request, so an expiry fixed from
                 # the moment we sent it (not from now, after the reply and decoding) errs early.
-                remaining = pttl / 1000.0 if pttl >= 0 else float("inf")
+                # PTTL -1: no expiry; -2: the key expired between the two pipelined commands.
+                remaining = pttl / 1000.0 if pttl >= 0 else float("inf") if pttl == -1 else 0.0
                 self.flights.fill(flight, value, sent_at + min(self._l1_ttl(l1_ttl), remaining), len(data))
                 return value
         self.counters.misses += 1
@@ -220,10 +224,11 @@ class Core:
         sent_at = self.clock()
         if found is True:
             # invariant 3: lands only if no write or invalidation of the key came since the
-            # miss (they delete the lease). The lease, not our local dirty mark, decides: a
-            # local flush on resubscribe says nothing about Redis.
+            # miss (they replace our lease marker). The lease, not our local dirty mark,
+            # decides: a local flush on resubscribe says nothing about Redis.
             op = _remote.fill(key, marker, data, _ms(ttl_s))
-            self._settle(op, (yield op) if self._allow() else _SKIPPED)
+            if self._settle(op, (yield op) if self._allow() else _SKIPPED) is False:
+                return value  # refused: the key was written since our miss, so this is stale
         elif unreadable is not None:
             # Replace the unreadable bytes, unless someone wrote the key meanwhile.
             op = _remote.replace(key, unreadable, data, _ms(ttl_s))
@@ -371,6 +376,10 @@ class Core:
 
     def _l1_ttl(self, l1_ttl: float | None) -> float:
         return self.l1_ttl if l1_ttl is None else l1_ttl
+
+
+def _nothing() -> None:
+    pass
 
 
 def _ms(seconds: float) -> int:

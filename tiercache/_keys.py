@@ -190,8 +190,9 @@ def function_prefix(namespace: str, name: str) -> str:
 def user_key(namespace: str, key: str) -> str:
     """The Redis key of a user-chosen key (``cache.get("user:1")``).
 
-    The user part goes inside a ``{hash tag}`` so that the value and its lease share a Redis
-    Cluster slot; a key that contains braces itself is digested, so the tag stays well formed.
+    The user part goes inside a ``{hash tag}``, so keys derived from it (a future cluster mode
+    needs them in one slot) stay together; a key that contains braces itself is digested, so
+    the tag stays well formed.
     """
     if not isinstance(key, str) or not key:
         raise KeyEncodingError(f"key={key!r} must be a non-empty str")

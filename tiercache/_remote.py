@@ -1,9 +1,9 @@
 """What the flow asks of Redis: Lua scripts, command records (Ops), and the circuit breaker.
 
 No client objects live here; the sync and async drivers execute these records. Each record
-is one round trip: the read script answers the value *and* its remaining TTL, the write
-script changes values, bumps the namespace's sequence number and publishes the invalidation
-in one atomic step.
+is one round trip: the read (two pipelined commands, no Lua) answers the value *and* its
+remaining TTL and takes the lease on a miss; the write script changes values, bumps the
+namespace's sequence number and publishes the invalidation in one atomic step.
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 Each block runs in a fresh module of its own (registered in ``sys.modules`` while it runs, so
 dataclasses and ``typing.get_type_hints`` see a real module). Blocks that contain the marker
-comment ``# needs-redis`` are only compiled: they need a Redis server at 127.0.0.1:6379, which
-the test suite never touches. A failing block's traceback points at its line in the Markdown.
+comment ``# needs-redis`` are written for a Redis server at 127.0.0.1:6379, which the test suite
+never touches: they run against the suite's own throwaway redis-server, with that URL swapped
+in. A failing block's traceback points at its line in the Markdown.
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import RedisServer
+
 ROOT = Path(__file__).resolve().parents[2]
 MARKER = "# needs-redis"
+DOCS_URL = "redis://127.0.0.1:6379/0"  # the URL the needs-redis blocks are written with
 FENCE = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
 
 
@@ -31,9 +35,9 @@ class Block:
     def where(self) -> str:
         return f"{self.path.relative_to(ROOT)}:{self.line}"
 
-    def compile(self) -> types.CodeType:
+    def compile(self, code: str | None = None) -> types.CodeType:
         # Pad with newlines so that line numbers in tracebacks are the Markdown file's.
-        return compile("\n" * (self.line - 1) + self.code, str(self.path), "exec")
+        return compile("\n" * (self.line - 1) + (self.code if code is None else code), str(self.path), "exec")
 
 
 def markdown_files() -> list[Path]:
@@ -63,18 +67,30 @@ def test_the_docs_are_there() -> None:
     assert RUNNABLE, "no runnable ```python blocks found: did the fence syntax change?"
 
 
-@pytest.mark.parametrize("block", RUNNABLE)
-def test_block_runs(block: Block) -> None:
+def run_block(block: Block, code: types.CodeType) -> None:
     name = "tiercache_docs_" + re.sub(r"\W", "_", block.where)
     module = types.ModuleType(name)
     module.__file__ = str(block.path)
     sys.modules[name] = module
     try:
-        exec(block.compile(), module.__dict__)  # running the docs is the point
+        exec(code, module.__dict__)  # running the docs is the point
     finally:
         del sys.modules[name]
 
 
+@pytest.mark.parametrize("block", RUNNABLE)
+def test_block_runs(block: Block) -> None:
+    run_block(block, block.compile())
+
+
 @pytest.mark.parametrize("block", NEEDS_REDIS)
 def test_redis_block_compiles(block: Block) -> None:
+    assert DOCS_URL in block.code, f"{block.where}: a needs-redis block must use {DOCS_URL}"
     block.compile()
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("block", NEEDS_REDIS)
+def test_redis_block_runs(block: Block, redis_server: RedisServer) -> None:
+    """The blocks that need Redis run against the suite's own throwaway redis-server."""
+    run_block(block, block.compile(block.code.replace(DOCS_URL, redis_server.url)))
