@@ -8,6 +8,7 @@ processes.
 from __future__ import annotations
 
 import json
+import select
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -329,3 +330,28 @@ def test_stale_fill_is_refused_by_the_lease_even_without_the_bus(
     t.join(10)
     assert results == ["old"]
     assert raw.get(f.key(0)) is None, "a fill computed before the invalidation must not land after it"
+
+
+def test_a_busy_caller_applies_arrived_invalidations_itself(
+    make_cache: Callable[..., TieredCache], redis_server: RedisServer
+) -> None:
+    """In a CPU-bound process the subscriber thread waits for the GIL, so callers apply what
+    has arrived every 256 L1 hits. Made deterministic by telling the subscriber thread that
+    callers are polling (it then leaves the socket to them): only a caller can evict."""
+    reader, writer = make_cache(), make_cache()
+    assert reader.ready() and writer.ready()
+    sub = reader._subscriber
+    assert sub is not None and sub._raw is not None, "the raw-socket loop runs on a real socket"
+    truth = {"v": 1}
+    f = tiered(reader, name="coh.poll")(lambda k: truth["v"])
+    assert f(0) == 1 and f(0) == 1
+    sub._polled_at = time.monotonic() + 3600  # the subscriber thread now defers to callers
+    truth["v"] = 2
+    writer.invalidate(f.key(0))
+    readable, _, _ = select.select([sub._raw[0]], [], [], 5)  # the message has arrived
+    assert readable
+    assert reader._core.local.ttl_left(f.key(0)) is not None, "nobody has read the socket yet"
+    seen = [f(0) for _ in range(300)]
+    assert seen[0] == 1, "hits before the poll still see the cached value"
+    assert seen[-1] == 2, "the 256th hit's poll applied the invalidation"
+    sub._polled_at = 0.0
