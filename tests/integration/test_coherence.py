@@ -341,7 +341,8 @@ def test_a_busy_caller_applies_arrived_invalidations_itself(
     reader, writer = make_cache(), make_cache()
     assert reader.ready() and writer.ready()
     sub = reader._subscriber
-    assert sub is not None and sub._raw is not None, "the raw-socket loop runs on a real socket"
+    assert sub is not None
+    assert eventually(lambda: sub._raw is not None), "the raw-socket loop runs on a real socket"
     truth = {"v": 1}
     f = tiered(reader, name="coh.poll")(lambda k: truth["v"])
     assert f(0) == 1 and f(0) == 1
