@@ -264,7 +264,7 @@ def _steps(backend: _Backend, namespace: str, cache: TieredCache, other: TieredC
 
     asyncio.run(async_part())
 
-    channel = f"tc:{namespace}:inval"
+    channel = cache._core.channel
     _step(
         "4. invalidate",
         "slow_square.invalidate(12) deletes the entry from Redis and from this process's L1, and",

@@ -150,7 +150,8 @@ class TieredCache:
             coherent=coherent,
             strict=strict,
             clock=clock,
-            block_slice=min(0.1, socket_timeout / 2),
+            block_slice=_block_slice(self._sync, socket_timeout),
+            db=_database(self._sync),
         )
         self._staleness_bound = staleness_bound
         self._closed = False
@@ -280,7 +281,11 @@ class TieredCache:
     def _own(self, redis_keys: tuple[str, ...]) -> tuple[str, ...]:
         prefix = f"tc:{self.namespace}:{FORMAT_VERSION}:"
         for k in redis_keys:
-            if not isinstance(k, str) or not k.startswith(prefix):
+            if (
+                not isinstance(k, str)
+                or not k.startswith(prefix)
+                or k[len(prefix) : len(prefix) + 2] not in ("f:", "k:")
+            ):
                 raise KeyEncodingError(
                     f"invalidate({k!r}): not a key of namespace {self.namespace!r}; pass f.key(...) "
                     "of a decorated function or cache.key(user_key), or use cache.delete(user_key)"
@@ -363,6 +368,17 @@ def _track_for_fork(cache: TieredCache) -> None:
     if not _fork_hook_registered and hasattr(os, "register_at_fork"):
         os.register_at_fork(after_in_child=_after_fork)
         _fork_hook_registered = True
+
+
+def _database(remote: _sync.SyncRedis | None) -> int:
+    return int(remote.pool.connection_kwargs.get("db") or 0) if remote is not None else 0
+
+
+def _block_slice(remote: _sync.SyncRedis | None, socket_timeout: float) -> float:
+    """How long one blocking command (BLPOP) may wait: well inside the connection's socket
+    timeout, which is the client's own when ``client=`` was given."""
+    own = remote.pool.connection_kwargs.get("socket_timeout") if remote is not None else None
+    return min(0.1, (own or socket_timeout) / 2)
 
 
 def _positive(name: str, value: float | None, *, allow_zero: bool = False, optional: bool = False) -> None:

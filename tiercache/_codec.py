@@ -308,6 +308,13 @@ class Codec:
         self._zstd_c = self._zstd.ZstdCompressor(level=3) if self._zstd is not None else None
         self._lock = threading.Lock()  # zstandard compressor objects are not thread-safe
 
+    def reset_after_fork(self) -> None:
+        """In a forked child: fresh locks (another thread may have held one at the fork)."""
+        self._lock = threading.Lock()
+        self._zstd_c = self._zstd.ZstdCompressor(level=3) if self._zstd is not None else None
+        if isinstance(getattr(self.serializer, "_lock", None), type(self._lock)):
+            self.serializer._lock = threading.Lock()
+
     def encode(self, key: str, value: Any) -> bytes:
         """The envelope for ``value`` under ``key``; CodecError if it cannot be encoded."""
         try:

@@ -3,7 +3,7 @@
 Pure: the subscriber thread (``_sync.Subscriber``) does the socket work and calls in here.
 Every write runs one Lua script that changes Redis, increments the namespace's sequence
 number and publishes ``{"n": origin node, "s": seq, "k": [keys], "a": ack list}`` on
-``tc:{namespace}:inval``. For a ``wait=True`` write every receiver pushes its node id onto the
+``tc:{namespace}:inval:{db}``. For a ``wait=True`` write every receiver pushes its node id onto the
 ack list once it has applied the message.
 
 Invariant 4: L1 is trusted only while the subscriber is known to be subscribed; whenever
@@ -52,12 +52,14 @@ class WriteResult:
 class Bus:
     """The subscriber's view: whether L1 may be trusted, the last sequence seen, pending acks."""
 
-    def __init__(self, namespace: str, node_id: str, flights: FlightTable, log: RateLimitedLog) -> None:
+    def __init__(self, channel: str, node_id: str, flights: FlightTable, log: RateLimitedLog) -> None:
         self.node_id = node_id
-        self.channel = f"tc:{namespace}:inval"
+        self.channel = channel
         self._flights = flights
         self._log = log
         self.last_seq: int | None = None
+        self._base = 0
+        self._past_base = False
         self.connected = threading.Event()
         self.messages = 0
         self.flushes = 0
@@ -73,6 +75,8 @@ class Bus:
         """The subscription is confirmed and ``base_seq`` read after it: trust L1 again,
         starting empty (messages may have been lost while we were not subscribed)."""
         self.last_seq = base_seq
+        self._base = base_seq
+        self._past_base = False
         self.flushes += 1
         self._flights.flush(accepting=True)
         self.connected.set()
@@ -94,13 +98,22 @@ class Bus:
                 continue
             self.messages += 1
             seq, origin, msg_keys, ack_key = msg
-            if self.last_seq is not None and seq > self.last_seq + 1:
-                # A gap: some message never reached us. Everything may be stale.
-                self.gaps += 1
-                self._log.emit("gap", "tiercache: invalidation gap (%s after %s): flushing L1", seq, self.last_seq)
-                self._flights.flush(accepting=True)
-            if self.last_seq is None or seq > self.last_seq:
+            if self.last_seq is None:
+                pass  # not subscribed (a test may feed messages directly)
+            elif not self._past_base and seq <= self._base:
+                pass  # written before we read the base: already reflected in Redis
+            else:
+                if seq != self.last_seq + 1:
+                    # A gap (some message never reached us), or the counter went backwards
+                    # (the sequence key was flushed or evicted, so later gaps would look like
+                    # old messages): anything may be stale. Flush and follow the new count.
+                    self.gaps += 1
+                    self._log.emit(
+                        "gap", "tiercache: invalidation sequence broke (%s after %s): flushing L1", seq, self.last_seq
+                    )
+                    self._flights.flush(accepting=True)
                 self.last_seq = seq
+                self._past_base = True
             if origin != self.node_id:  # our own writes updated our L1 already
                 keys.extend(msg_keys)
             if ack_key:

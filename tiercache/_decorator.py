@@ -306,7 +306,7 @@ def _hit_path(t: _Tiered) -> Callable[[tuple[Any, ...], dict[str, Any]], Any]:
     def hit(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         nonlocal countdown
         countdown -= 1
-        if not countdown:  # let invalidations that arrived in while we hold the GIL apply now
+        if countdown <= 0:  # let invalidations that arrived in while we hold the GIL apply now
             countdown = _POLL_EVERY
             core.poll()
         if len(args) == 1 and not kwargs:

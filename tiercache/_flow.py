@@ -76,6 +76,7 @@ class Core:
         strict: bool,
         clock: Callable[[], float],
         block_slice: float = 0.1,
+        db: int = 0,
     ) -> None:
         self.namespace = namespace
         self.ttl = ttl
@@ -92,7 +93,9 @@ class Core:
         self.node_id = secrets.token_hex(8)
         self._marker_base = self.node_id.encode()
         self._markers = itertools.count()
-        self.channel = f"tc:{namespace}:inval"
+        # Pub/sub ignores the database number, so the channel names it: caches of one namespace
+        # in different databases must not hear (or count, or acknowledge) each other.
+        self.channel = f"tc:{namespace}:inval:{db}"
         self.seq_key = f"tc:{namespace}:seq"
         self.counters = Counters()
         self.flights = FlightTable(local)
@@ -104,7 +107,7 @@ class Core:
         self.log = RateLimitedLog(clock=clock)
         #: The invalidation bus, when other processes can share this namespace. Until its
         #: subscriber confirms a subscription, L1 takes no entries (invariant 4).
-        self.bus = Bus(namespace, self.node_id, self.flights, self.log) if has_remote and coherent else None
+        self.bus = Bus(self.channel, self.node_id, self.flights, self.log) if has_remote and coherent else None
         if self.bus is not None:
             self.flights.flush(accepting=False)
 
@@ -112,6 +115,7 @@ class Core:
         """In a forked child: fresh locks and tables (the parent's threads are gone), L1 off."""
         self.local.reset_lock()
         self.flights.reset()
+        self.codec.reset_after_fork()
         self.node_id = secrets.token_hex(8)  # the parent's id would make us ignore its messages
         self._marker_base = self.node_id.encode()  # and its lease markers would be ours
         if self.bus is not None:
@@ -162,6 +166,8 @@ class Core:
             yield Wait(flight)
             if flight.abandoned:  # the leader was cancelled: try again, maybe as the leader
                 continue
+            if load and flight.value is MISSING and flight.error is None:
+                continue  # we joined a cache.get() (which may not load) that found nothing
             if flight.error is not None:
                 raise flight.error
             return flight.value

@@ -9,7 +9,7 @@ decides when to try Redis again.
 from __future__ import annotations
 
 import random
-import select
+import selectors
 import socket
 import threading
 import time
@@ -122,6 +122,7 @@ class Subscriber:
     MIN_BACKOFF = 0.05
     MAX_BACKOFF = 2.0
     MAX_BATCH = 1024
+    STABLE_AFTER = 5.0  # seconds a connection must last before the reconnect backoff starts over
 
     def __init__(
         self, remote: SyncRedis, bus: Bus, seq_key: str, interval: float, deadline: float, log: RateLimitedLog
@@ -138,6 +139,12 @@ class Subscriber:
         self._drain_lock = threading.Lock()
         self._heard = 0.0
         self._polled_at = 0.0
+        self._ping_sent: float | None = None
+        self._dead = False  # set by a caller's poll that found the connection broken
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._pending_acks: list[str] = []
         self._thread = threading.Thread(target=self._run, name=f"tiercache-bus-{bus.channel}", daemon=True)
 
     def start(self) -> None:
@@ -145,11 +152,15 @@ class Subscriber:
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stopping.set()
+        self._wake()
         conn = self._conn
         if conn is not None:
             _shutdown(conn)  # wake the read loop now rather than at its next timeout
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self._wake_r.close()
+            self._wake_w.close()
 
     def _new_connection(self) -> redis.Connection:
         pool = self._remote.pool
@@ -166,6 +177,7 @@ class Subscriber:
         while not self._stopping.is_set():
             conn = self._new_connection()
             self._conn = conn
+            subscribed_at: float | None = None
             try:
                 conn.connect()  # type: ignore[no-untyped-call]
                 conn.send_command("SUBSCRIBE", *self._bus.channels)  # type: ignore[no-untyped-call]
@@ -177,7 +189,7 @@ class Subscriber:
                 if self._stopping.is_set():
                     break
                 self._bus.subscribed(base)
-                backoff = self.MIN_BACKOFF
+                subscribed_at = time.monotonic()
                 self._listen(conn)
             except Exception as exc:  # noqa: BLE001 - this thread must outlive anything a socket does
                 if not self._stopping.is_set():
@@ -186,19 +198,25 @@ class Subscriber:
                         "bus", "tiercache: invalidation subscriber lost (%r); L1 off until resubscribed", cause
                     )
             finally:
+                with self._drain_lock:  # no caller may be reading this socket as it closes
+                    self._raw = None
+                    self._dead = False
                 if self._bus.connected.is_set() or self._bus.last_seq is not None:
                     self._bus.lost()
                 self._conn = None
                 _shutdown(conn)
             # Reconnect with exponential backoff and full jitter, so many processes that lost
-            # the same server do not reconnect in lockstep.
+            # the same server do not reconnect in lockstep. The backoff starts over only after
+            # a connection that lasted: one that subscribes and then fails at once keeps backing off.
+            if subscribed_at is not None and time.monotonic() - subscribed_at > self.STABLE_AFTER:
+                backoff = self.MIN_BACKOFF
             self._stopping.wait(random.uniform(0, backoff))  # noqa: S311 - jitter, not crypto
             backoff = min(backoff * 2, self.MAX_BACKOFF)
 
     def _listen(self, conn: redis.Connection) -> None:
         reader = getattr(getattr(conn, "_parser", None), "_reader", None)
         sock = getattr(conn, "_sock", None)
-        # A plain TCP or unix socket (not TLS, whose buffered records select() cannot see)
+        # A plain TCP or unix socket (not TLS, whose buffered records a selector cannot see)
         # read through redis-py's hiredis reader: see _listen_raw.
         if reader is not None and type(sock) is socket.socket and _NOT_ENOUGH_DATA is not None:
             self._listen_raw(sock, reader)
@@ -206,46 +224,51 @@ class Subscriber:
             self._listen_conn(conn)
 
     def _listen_raw(self, sock: socket.socket, reader: Any) -> None:
-        """The loop on the raw socket: select, then non-blocking reads into redis-py's hiredis
-        reader, under ``_drain_lock``. Callers of the cache in this process take the same
-        path every 256 L1 hits of a function (``poll``): in a CPU-bound process this thread waits up to
-        ``sys.getswitchinterval()`` (5 ms) for the GIL after every select, so the thread that
-        holds the GIL applies pending invalidations itself, within microseconds."""
-        clock = time.monotonic
-        self._heard = clock()
-        ping_sent: float | None = None
+        """The loop on the raw socket: wait until it is readable, then ``_service`` it: read
+        what has arrived without blocking into redis-py's hiredis reader, apply it, and run the
+        health check (PING when idle, give up when no reply comes in time).
+
+        Callers take the same ``_service`` path every 256 L1 hits of a function (``poll``): in
+        a CPU-bound process this thread waits up to ``sys.getswitchinterval()`` (5 ms) for
+        the GIL after every blocking call, so the thread that holds the GIL applies pending
+        invalidations, and keeps the staleness bound, itself; meanwhile this thread leaves
+        the socket to the callers and only sends the acknowledgements they queued."""
+        self._heard = time.monotonic()
+        self._ping_sent = None
         # Non-blocking: a socket with a timeout waits for readability even under MSG_DONTWAIT,
-        # and poll() runs on callers' threads, which must never wait here.
+        # and callers' threads must never wait here.
         sock.settimeout(0.0)
-        self._raw = (sock, reader)
+        with self._drain_lock:
+            self._raw = (sock, reader)
+        selector = selectors.DefaultSelector()  # select() fails on descriptors >= 1024
+        selector.register(sock, selectors.EVENT_READ)
+        selector.register(self._wake_r, selectors.EVENT_READ)  # stop() and poll() wake us
         try:
             while not self._stopping.is_set():
-                if ping_sent is not None and self._heard >= ping_sent:
-                    ping_sent = None  # the PONG (or anything) arrived, maybe read by a caller
-                now = clock()
-                due = self._heard + self._interval if ping_sent is None else ping_sent + self._deadline
-                if now >= due:
-                    if ping_sent is not None:
-                        raise HalfOpenError(f"no reply to PING within {self._deadline} s")
-                    sock.sendall(b"*1\r\n$4\r\nPING\r\n")
-                    ping_sent = now
-                    continue
-                readable, _, _ = select.select([sock], [], [], due - now)
-                if not readable:
-                    continue
-                if clock() - self._polled_at < 0.002:
-                    # Callers are polling (a busy process): they drain within microseconds.
-                    # Taking the lock here would hold it through every wait for the GIL.
+                self._send_acks()
+                if self._dead:
+                    raise redis.ConnectionError("the subscriber connection failed (seen by a caller)")
+                if time.monotonic() - self._polled_at < 0.002:
+                    # Callers are polling (a busy process). Taking the lock here would hold it
+                    # through every wait for the GIL, and they already keep the bound.
                     self._stopping.wait(0.001)
                     continue
+                due = self._next_due()
+                for key, _ in selector.select(max(0.0, due - time.monotonic())):
+                    if key.fileobj is self._wake_r:
+                        self._drain_wakeups()
                 with self._drain_lock:
-                    self._drain_raw(sock, reader)
+                    self._service(sock, reader)
         finally:
-            self._raw = None
+            selector.close()
 
-    def _drain_raw(self, sock: socket.socket, reader: Any) -> None:
-        """Read what has arrived without blocking and apply it. Caller holds ``_drain_lock``."""
-        heard = False
+    def _next_due(self) -> float:
+        if self._ping_sent is None:
+            return self._heard + self._interval
+        return self._ping_sent + self._deadline
+
+    def _service(self, sock: socket.socket, reader: Any) -> None:
+        """Read and apply what has arrived, then the health check. Caller holds ``_drain_lock``."""
         while True:
             try:
                 data = sock.recv(65536, socket.MSG_DONTWAIT)
@@ -254,34 +277,69 @@ class Subscriber:
             if not data:
                 raise redis.ConnectionError("the server closed the subscriber connection")
             reader.feed(data)
-            heard = True
+            self._heard = time.monotonic()
             if len(data) < 65536:
                 break
         payloads: list[bytes] = []
         while (reply := reader.gets()) is not _NOT_ENOUGH_DATA:
             if isinstance(reply, list) and len(reply) == 3 and reply[0] == b"message":
                 payloads.append(reply[2])
-        if heard:
-            self._heard = time.monotonic()
         if payloads:
-            self._apply(payloads)
+            self._pending_acks.extend(self._bus.handle(payloads))
+        now = time.monotonic()
+        if self._ping_sent is not None and self._heard >= self._ping_sent:
+            self._ping_sent = None  # the PONG (or anything) arrived
+        if self._ping_sent is None:
+            if now - self._heard >= self._interval:
+                sock.send(b"*1\r\n$4\r\nPING\r\n")
+                self._ping_sent = now
+        elif now - self._ping_sent >= self._deadline:
+            raise HalfOpenError(f"no reply to PING within {self._deadline} s")
 
     def poll(self) -> None:
-        """Apply invalidations that have arrived, from a caller's thread (see _listen_raw).
-        Never blocks on the socket and never raises: a broken socket is left for this
-        subscriber's own thread to find (it sees the same end of file)."""
-        raw = self._raw
-        if raw is None:
+        """From a caller's thread: apply invalidations that have arrived and run the health
+        check (see _listen_raw). Never blocks, never does network I/O beyond a non-blocking
+        read (and a PING when due), never raises: when it finds the connection broken it turns
+        L1 off at once and leaves the reconnecting to the subscriber's own thread."""
+        if self._raw is None:
             return
         self._polled_at = time.monotonic()
         if not self._drain_lock.acquire(blocking=False):
             return
         try:
-            self._drain_raw(*raw)
-        except Exception:  # noqa: BLE001, S110 - the subscriber thread handles it
-            pass
+            raw = self._raw
+            if raw is not None and not self._dead:
+                self._service(*raw)
+        except Exception:  # noqa: BLE001 - the connection is gone or half-open
+            self._dead = True
+            self._polled_at = 0.0  # let the subscriber thread take over and reconnect
+            self._bus.lost()
+            self._wake()
         finally:
             self._drain_lock.release()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"w")
+        except OSError:  # full (it is already awake) or closed
+            pass
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except OSError:
+            pass
+
+    def _send_acks(self) -> None:
+        """Acknowledgements queued by ``_service`` (on any thread), sent from this thread only:
+        a caller's poll must not do a round trip (it may be an event loop)."""
+        while self._pending_acks:
+            ack_key = self._pending_acks.pop(0)
+            try:
+                self._remote.execute(ack(ack_key, self._bus.node_id))
+            except RemoteFailure:
+                pass  # the writer's wait times out and reports fewer acknowledgements
 
     def _listen_conn(self, conn: redis.Connection) -> None:
         clock = time.monotonic
@@ -316,11 +374,8 @@ class Subscriber:
         self._apply(payloads)
 
     def _apply(self, payloads: list[bytes]) -> None:
-        for ack_key in self._bus.handle(payloads):
-            try:
-                self._remote.execute(ack(ack_key, self._bus.node_id))
-            except RemoteFailure:
-                pass  # the writer's wait times out and reports fewer acknowledgements
+        self._pending_acks.extend(self._bus.handle(payloads))
+        self._send_acks()
 
 
 def _shutdown(conn: redis.Connection) -> None:

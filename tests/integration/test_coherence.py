@@ -276,7 +276,7 @@ def test_messages_carry_keys_and_node_never_values(
     cache = make_cache()
     assert cache.ready()
     sub = redis.Redis(port=redis_server.port).pubsub()
-    sub.subscribe(f"tc:{namespace}:inval")
+    sub.subscribe(f"tc:{namespace}:inval:0")
     assert eventually(lambda: sub.get_message(timeout=0.05) is not None)
     cache.set("k", "SECRET-VALUE")
     cache.delete("a", "b", "c")
