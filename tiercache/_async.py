@@ -18,7 +18,7 @@ from redis.exceptions import NoScriptError
 
 from ._flight import Signal
 from ._flow import CALL, Flow, Wait
-from ._remote import RedisOp, RemoteFailure
+from ._remote import PoolBusy, RedisOp, RemoteFailure
 from .errors import ConfigError
 
 __all__ = ["AsyncRedis", "drive"]
@@ -91,7 +91,7 @@ class AsyncRedis:
                     await asyncio.wait_for(bound.acquire(), self._wait)
                 except asyncio.TimeoutError:
                     busy = redis.ConnectionError(f"no connection free within pool_timeout={self._wait} s")
-                    raise RemoteFailure() from busy
+                    raise PoolBusy() from busy
             else:
                 await bound.acquire()
         try:
@@ -103,7 +103,7 @@ class AsyncRedis:
     async def _execute(self, pool: redis.asyncio.ConnectionPool, op: RedisOp) -> Any:
         try:
             conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-        except (redis.RedisError, OSError) as exc:
+        except Exception as exc:  # whatever the client raises, the flow fails open
             raise RemoteFailure() from exc
         try:
             try:
@@ -120,8 +120,8 @@ class AsyncRedis:
             # Cancelled or failed mid-command: a reply may still arrive, so drop the socket
             # without awaiting (we may be cancelled again while awaiting).
             await _quietly(conn.disconnect(nowait=True))
-            await pool.release(conn)
-            if isinstance(exc, (redis.RedisError, OSError)):
+            await _quietly(pool.release(conn))
+            if isinstance(exc, Exception):
                 raise RemoteFailure() from exc
             raise
         await pool.release(conn)

@@ -23,7 +23,7 @@ from ._coherence import Bus, WriteResult
 from ._flight import Flight, FlightTable, Signal
 from ._local import LocalCache
 from ._metrics import CacheStats, Counters, RateLimitedLog
-from ._remote import FAILED, LEASE_PREFIX, Breaker, RedisOp, RemoteFailure
+from ._remote import FAILED, LEASE_PREFIX, Breaker, PoolBusy, RedisOp, RemoteFailure
 from ._types import MISSING
 from .errors import BackendError, CodecError, ValueTooLargeError
 
@@ -245,18 +245,38 @@ class Core:
         return value
 
     def refresh(self, key: str, ttl: float | None, l1_ttl: float | None) -> Flow:
-        """Call the function now and write its result to both tiers, telling every node."""
-        self.counters.loads += 1
+        """Call the function now and write its result to both tiers, telling every node.
+
+        The old value keeps being served meanwhile. Invariant 3: a write or invalidation of
+        the key while the function runs wins: the refresh's result is returned to its caller
+        but stored nowhere (Redis refuses it, and the local watch keeps it out of L1)."""
+        token = LEASE_PREFIX + b"%s:%d" % (self._marker_base, next(self._markers))
+        watches = self.flights.watch([key])
         try:
-            value = yield CALL
-        except Exception:
-            self.counters.load_errors += 1
+            op = _remote.begin_refresh(key, token, self.lease_ms)
+            begun = self._settle(op, (yield op) if self._allow() else _SKIPPED)
+            self.counters.loads += 1
+            try:
+                value = yield CALL
+            except Exception:
+                self.counters.load_errors += 1
+                raise
+            data = self._encode_or_none(key, value)
+            ttl_s = self.ttl if ttl is None else ttl
+            sent_at = self.clock()
+            if data is None or (begun is FAILED and self.has_remote):
+                self.flights.abort_write(watches)
+                return value
+            if self.has_remote:
+                op = _remote.finish_refresh(self.seq_key, self.channel, self.node_id, key, token, data, _ms(ttl_s))
+                reply = self._settle(op, (yield op) if self._allow() else _SKIPPED)
+                if reply is FAILED or reply is False:
+                    self.flights.abort_write(watches)
+                    return value
+        except BaseException:
+            self.flights.abort_write(watches)
             raise
-        data = self._encode_or_none(key, value)
-        if data is None:
-            yield from self.delete([key], None)
-            return value
-        yield from self._write([key], [data], self.ttl if ttl is None else ttl, [value], l1_ttl, None)
+        self.flights.commit_write(watches, [value], sent_at + min(self._l1_ttl(l1_ttl), ttl_s), [len(data)])
         return value
 
     def set(self, key: str, value: Any, ttl: float | None, l1_ttl: float | None, wait: float | None) -> Flow:
@@ -354,8 +374,9 @@ class Core:
         clean-up steps never replace the error being raised)."""
         if reply is _SKIPPED:
             return FAILED
-        if type(reply) is RemoteFailure:
-            self.breaker.failure()
+        if isinstance(reply, RemoteFailure):
+            if type(reply) is not PoolBusy:
+                self.breaker.failure()
             self.counters.backend_errors += 1
             cause = reply.__cause__
             self._last_failure = cause

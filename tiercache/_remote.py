@@ -15,16 +15,20 @@ from typing import Any
 __all__ = [
     "FAILED",
     "Breaker",
+    "PoolBusy",
     "RedisOp",
     "RemoteFailure",
     "Script",
     "ack",
     "await_ack",
+    "begin_refresh",
     "fetch",
     "publish",
     "fill",
+    "finish_refresh",
     "peek",
     "read_seq",
+    "refresh_key",
     "release",
     "replace",
     "take_acks",
@@ -70,6 +74,11 @@ class RemoteFailure(Exception):
     """Raised by a driver into the flow when Redis failed; ``__cause__`` is the redis-py error."""
 
 
+class PoolBusy(RemoteFailure):
+    """No connection of this process's pool was free in time: local saturation, which says
+    nothing about Redis, so it fails the call open without counting against the breaker."""
+
+
 class _Failed:
     __slots__ = ()
 
@@ -112,20 +121,23 @@ redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 return 1
 """)
 
-# KEYS[1] the namespace's sequence counter, KEYS[2..] the value keys.
+# KEYS[1] the namespace's sequence counter, then (value key, refresh key) pairs.
 # ARGV[1] origin node id, ARGV[2] channel, ARGV[3] 'set' or 'del', ARGV[4] ttl in ms,
 # ARGV[5] the list receivers push their acknowledgement on ('' for none), ARGV[6..] the
-# values (for 'set'). Redis first (replacing any lease marker, so loads in flight cannot fill
-# over this write), then one message for the whole batch.
+# values (for 'set'). Redis first (replacing any lease marker and deleting any refresh token,
+# so neither a load nor a refresh in flight can land over this write), then one message for
+# the whole batch.
 _WRITE = Script("""
 local keys = {}
-for i = 2, #KEYS do
-  keys[i - 1] = KEYS[i]
+for i = 2, #KEYS, 2 do
+  local n = #keys + 1
+  keys[n] = KEYS[i]
   if ARGV[3] == 'set' then
-    redis.call('SET', KEYS[i], ARGV[4 + i], 'PX', ARGV[4])
+    redis.call('SET', KEYS[i], ARGV[5 + n], 'PX', ARGV[4])
   else
     redis.call('DEL', KEYS[i])
   end
+  redis.call('DEL', KEYS[i + 1])
 end
 local seq = redis.call('INCR', KEYS[1])
 local receivers = redis.call('PUBLISH', ARGV[2], cjson.encode({n = ARGV[1], s = seq, k = keys, a = ARGV[5]}))
@@ -186,7 +198,43 @@ def write(
     argv: tuple[Any, ...] = (node_id, channel, "set" if values is not None else "del", ttl_ms, ack_key)
     if values is not None:
         argv += tuple(values)
-    return RedisOp(("EVALSHA", _WRITE.sha, 1 + len(keys), seq_key, *keys, *argv), _parse_write, _WRITE)
+    pairs = [k for key in keys for k in (key, refresh_key(key))]
+    return RedisOp(("EVALSHA", _WRITE.sha, 1 + len(pairs), seq_key, *pairs, *argv), _parse_write, _WRITE)
+
+
+# KEYS[1] sequence counter, KEYS[2] value, KEYS[3] its refresh token. ARGV[1] node id,
+# ARGV[2] channel, ARGV[3] our token, ARGV[4] bytes, ARGV[5] ttl ms, ARGV[6] ack list ('' none).
+# A refresh computes while the old value keeps being served; it lands only if no write or
+# invalidation of the key came since it started (they delete the token): invariant 3.
+_REFRESH = Script("""
+if redis.call('GET', KEYS[3]) ~= ARGV[3] then return false end
+redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[5])
+redis.call('DEL', KEYS[3])
+local seq = redis.call('INCR', KEYS[1])
+local receivers = redis.call('PUBLISH', ARGV[2], cjson.encode({n = ARGV[1], s = seq, k = {KEYS[2]}, a = ARGV[6]}))
+return {seq, receivers}
+""")
+
+
+def refresh_key(key: str) -> str:
+    """Where a refresh in progress keeps its token: after the key's hash tag (same slot)."""
+    return key + ":r"
+
+
+def begin_refresh(key: str, token: bytes, lease_ms: int) -> RedisOp:
+    return RedisOp(("SET", refresh_key(key), token, "PX", lease_ms))
+
+
+def finish_refresh(
+    seq_key: str, channel: str, node_id: str, key: str, token: bytes, data: bytes, ttl_ms: int
+) -> RedisOp:
+    """Store a refresh's result and publish, if its token survived; parses to (seq, receivers)
+    or False when a write or invalidation came first."""
+    return RedisOp(
+        ("EVALSHA", _REFRESH.sha, 3, seq_key, key, refresh_key(key), node_id, channel, token, data, ttl_ms, ""),
+        lambda reply: _parse_write(reply) if reply else False,
+        _REFRESH,
+    )
 
 
 # A subscriber's acknowledgement of a message that asked for one (a ``wait=True`` write):

@@ -41,7 +41,7 @@ class SyncRedis:
     def execute(self, op: RedisOp) -> Any:
         try:
             conn = self.pool.get_connection()
-        except (redis.RedisError, OSError) as exc:
+        except Exception as exc:  # whatever the client raises, the flow fails open
             raise RemoteFailure() from exc
         try:
             try:
@@ -55,9 +55,15 @@ class SyncRedis:
                 conn.send_command(*op.fallback_args())  # type: ignore[no-untyped-call]
                 reply = conn.read_response()
         except BaseException as exc:
-            conn.disconnect()  # type: ignore[no-untyped-call] # a reply may still be on its way: never reuse this socket
-            self.pool.release(conn)
-            if isinstance(exc, (redis.RedisError, OSError)):
+            # A reply may still be on its way: never reuse this socket. (Racing close(), the
+            # client can raise other things than RedisError: e.g. TypeError on a socket the
+            # pool has just closed. Those are Redis failures too, for the flow to fail open.)
+            try:
+                conn.disconnect()  # type: ignore[no-untyped-call]
+                self.pool.release(conn)
+            except Exception:  # noqa: BLE001, S110 - the connection is being thrown away
+                pass
+            if isinstance(exc, Exception):
                 raise RemoteFailure() from exc
             raise
         self.pool.release(conn)
@@ -248,15 +254,15 @@ class Subscriber:
                 self._send_acks()
                 if self._dead:
                     raise redis.ConnectionError("the subscriber connection failed (seen by a caller)")
+                due = self._next_due()
+                for key, _ in selector.select(max(0.0, due - time.monotonic())):
+                    if key.fileobj is self._wake_r:
+                        self._drain_wakeups()
                 if time.monotonic() - self._polled_at < 0.002:
                     # Callers are polling (a busy process). Taking the lock here would hold it
                     # through every wait for the GIL, and they already keep the bound.
                     self._stopping.wait(0.001)
                     continue
-                due = self._next_due()
-                for key, _ in selector.select(max(0.0, due - time.monotonic())):
-                    if key.fileobj is self._wake_r:
-                        self._drain_wakeups()
                 with self._drain_lock:
                     self._service(sock, reader)
         finally:

@@ -356,3 +356,45 @@ def test_a_busy_caller_applies_arrived_invalidations_itself(
     assert seen[0] == 1, "hits before the poll still see the cached value"
     assert seen[-1] == 2, "the 256th hit's poll applied the invalidation"
     sub._polled_at = 0.0
+
+
+def test_a_refresh_overtaken_by_an_invalidation_is_stored_nowhere(
+    make_cache: Callable[..., TieredCache], redis_server: RedisServer, mode: Mode
+) -> None:
+    """Invariant 3 for refresh(): the value it computed before an invalidation must not land
+    in Redis, nor in any L1, after that invalidation."""
+    a, b = make_cache(), make_cache()
+    assert a.ready() and b.ready()
+    started, release = threading.Event(), threading.Event()
+    truth = {"v": 1}
+
+    def body(x: int) -> int:
+        value = truth["v"]
+        if started.is_set():
+            return value
+        started.set()
+        assert release.wait(10)
+        return value  # computed from the source before the invalidation below
+
+    f = tiered(a, name="coh.refresh")(mode.fn(body))
+    results: list[Any] = []
+
+    def refresh_call() -> None:
+        m = Mode(mode.name)
+        try:
+            results.append(m.run(f.refresh(0)))
+        finally:
+            m.close()
+
+    t = threading.Thread(target=refresh_call)
+    t.start()
+    assert started.wait(10)
+    truth["v"] = 2
+    result = b.invalidate(f.key(0), wait=True)
+    assert result.complete
+    release.set()
+    t.join(10)
+    assert results == [1], "the refresh still answers its own caller"
+    assert redis_server.client().get(f.key(0)) is None, "its stale value must not land in Redis"
+    assert a._core.local.ttl_left(f.key(0)) is None, "nor in L1"
+    assert mode.call(f, 0) == 2
