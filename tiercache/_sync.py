@@ -201,7 +201,10 @@ class Subscriber:
                 if not self._stopping.is_set():
                     cause = exc.__cause__ if isinstance(exc, RemoteFailure) else exc
                     self._log.emit(
-                        "bus", "tiercache: invalidation subscriber lost (%r); L1 off until resubscribed", cause
+                        "bus",
+                        "tiercache: invalidation subscriber lost (%s: %s); L1 off until resubscribed",
+                        type(cause).__name__,
+                        cause,
                     )
             finally:
                 with self._drain_lock:  # no caller may be reading this socket as it closes
