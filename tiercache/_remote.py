@@ -23,7 +23,6 @@ __all__ = [
     "await_ack",
     "begin_refresh",
     "fetch",
-    "publish",
     "fill",
     "finish_refresh",
     "peek",
@@ -264,10 +263,6 @@ def take_acks(ack_key: str, count: int) -> RedisOp:
 def read_seq(seq_key: str) -> RedisOp:
     """The namespace's current sequence number (0 when no write happened yet)."""
     return RedisOp(("GET", seq_key), lambda reply: int(reply) if reply else 0)
-
-
-def publish(channel: str, message: str) -> RedisOp:
-    return RedisOp(("PUBLISH", channel, message))
 
 
 class Breaker:

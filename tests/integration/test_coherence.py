@@ -33,6 +33,22 @@ def eventually(predicate: Callable[[], bool], timeout: float = 5.0, interval: fl
     return predicate()
 
 
+def in_thread(mode: Mode, results: list[Any], f: Callable[..., Any], *args: Any) -> threading.Thread:
+    """Start ``f(*args)`` on another thread (with its own event loop in async mode); its
+    result is appended to ``results``."""
+
+    def run() -> None:
+        m = Mode(mode.name)
+        try:
+            results.append(m.call(f, *args))
+        finally:
+            m.close()
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
 @pytest.fixture
 def make_cache(redis_server: RedisServer, namespace: str) -> Iterator[Callable[..., TieredCache]]:
     caches: list[TieredCache] = []
@@ -159,16 +175,7 @@ def test_fill_race_a_load_overtaken_by_an_invalidation_stays_out_of_l1(
 
     f = tiered(reader, name="coh.race")(mode.fn(body))
     results: list[Any] = []
-
-    def first_call() -> None:
-        m = Mode(mode.name)
-        try:
-            results.append(m.call(f, 0))
-        finally:
-            m.close()
-
-    t = threading.Thread(target=first_call)
-    t.start()
+    t = in_thread(mode, results, f, 0)
     assert started.wait(10)
     result = writer.invalidate(f.key(0), wait=True)
     assert result.acknowledged == result.receivers
@@ -310,16 +317,7 @@ def test_stale_fill_is_refused_by_the_lease_even_without_the_bus(
 
     f = tiered(reader, name="coh.lease")(mode.fn(body))
     results: list[Any] = []
-
-    def first_call() -> None:
-        m = Mode(mode.name)
-        try:
-            results.append(m.call(f, 0))
-        finally:
-            m.close()
-
-    t = threading.Thread(target=first_call)
-    t.start()
+    t = in_thread(mode, results, f, 0)
     assert started.wait(10)
     raw = redis_server.client()
     marker = raw.get(f.key(0))
@@ -378,16 +376,7 @@ def test_a_refresh_overtaken_by_an_invalidation_is_stored_nowhere(
 
     f = tiered(a, name="coh.refresh")(mode.fn(body))
     results: list[Any] = []
-
-    def refresh_call() -> None:
-        m = Mode(mode.name)
-        try:
-            results.append(m.run(f.refresh(0)))
-        finally:
-            m.close()
-
-    t = threading.Thread(target=refresh_call)
-    t.start()
+    t = in_thread(mode, results, f.refresh, 0)
     assert started.wait(10)
     truth["v"] = 2
     result = b.invalidate(f.key(0), wait=True)
