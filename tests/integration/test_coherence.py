@@ -7,7 +7,9 @@ processes.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import select
 import threading
 import time
@@ -387,3 +389,116 @@ def test_a_refresh_overtaken_by_an_invalidation_is_stored_nowhere(
     assert redis_server.client().get(f.key(0)) is None, "its stale value must not land in Redis"
     assert a._core.local.ttl_left(f.key(0)) is None, "nor in L1"
     assert mode.call(f, 0) == 2
+
+
+def test_a_call_that_joins_a_cache_get_loads_instead_of_returning_nothing(
+    make_cache: Callable[..., TieredCache],
+) -> None:
+    """``key=`` strings are the keys cache.get uses, so a call can join a get()'s in-flight
+    read; when that read finds nothing the call must still run the function."""
+    cache = make_cache()
+    f = tiered(cache, key=lambda user_id: f"user:{user_id}")(_async_user)
+
+    async def both() -> list[Any]:
+        return list(await asyncio.gather(cache.aio.get("user:1", "default"), f(1)))
+
+    assert asyncio.run(both()) == ["default", {"id": 1}]
+    asyncio.run(cache.aclose())
+
+
+async def _async_user(user_id: int) -> dict[str, int]:
+    return {"id": user_id}
+
+
+def test_caches_in_other_databases_neither_hear_nor_count_each_other(
+    make_cache: Callable[..., TieredCache], redis_server: RedisServer, namespace: str
+) -> None:
+    db0 = make_cache(f"redis://127.0.0.1:{redis_server.port}/0")
+    db1 = make_cache(f"redis://127.0.0.1:{redis_server.port}/1")
+    assert db0.ready() and db1.ready()
+    db0.set("k", "zero", wait=True)
+    assert db0.get("k") == "zero"
+    for i in range(5):
+        result = db1.set("k", f"one{i}", wait=True)
+        assert result.receivers == 1 and result.complete, "only db 1's subscriber hears db 1"
+    assert db0.stats().bus_gaps == 0, "db 1's sequence numbers must not look like gaps in db 0"
+    assert db0._core.local.ttl_left(db0.key("k")) is not None, "db 0's L1 keeps its own value"
+    assert db0.get("k") == "zero"
+
+
+def test_a_sequence_counter_that_goes_backwards_flushes_l1(
+    make_cache: Callable[..., TieredCache], redis_server: RedisServer
+) -> None:
+    cache = make_cache()
+    assert cache.ready()
+    for i in range(3):
+        cache.set(f"k{i}", i, wait=True)
+    bus = cache._core.bus
+    assert bus is not None and bus.last_seq == 3
+    redis_server.client().delete(cache._core.seq_key)  # e.g. FLUSHDB or a maxmemory eviction
+    other = make_cache()
+    assert other.ready()
+    other.set("unrelated", 1, wait=True)  # seq 1 again
+    assert eventually(lambda: cache.stats().bus_gaps == 1)
+    assert cache._core.local.ttl_left(cache.key("k0")) is None, "anything may be stale: flushed"
+
+
+def test_calls_racing_close_never_raise(make_cache: Callable[..., TieredCache]) -> None:
+    cache = make_cache(ttl=60)
+    assert cache.ready()
+    counter = iter(range(10**9))
+    f = tiered(cache)(lambda x: x)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def hammer() -> None:
+        while not stop.is_set():
+            try:
+                n = next(counter)
+                assert f(n) == n
+            except BaseException as exc:
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.05)
+    cache.close()
+    time.sleep(0.05)
+    stop.set()
+    for t in threads:
+        t.join(10)
+    assert errors == [], errors[:3]
+
+
+def test_the_subscriber_works_with_file_descriptors_above_1024(
+    make_cache: Callable[..., TieredCache],
+) -> None:
+    """select() cannot watch descriptors >= 1024; busy servers have that many open files."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.fail(f"the test needs RLIMIT_NOFILE >= 1200, this machine allows {hard}")
+    if soft != resource.RLIM_INFINITY and soft < 1200:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1200, hard))
+    pipes = [os.pipe() for _ in range(560)]  # 1,120 descriptors
+    try:
+        cache = make_cache()
+        assert cache.ready()
+        sub = cache._subscriber
+        assert sub is not None
+        assert eventually(lambda: sub._raw is not None)
+        assert sub._raw is not None and sub._raw[0].fileno() >= 1024
+        flushes = cache.stats().bus_flushes
+        cache.set("k", 1, wait=True)
+        assert cache.get("k") == 1
+        time.sleep(0.3)
+        assert cache.stats().bus_flushes == flushes, "the subscriber must not keep reconnecting"
+        assert cache.stats().bus_connected
+    finally:
+        for r, w in pipes:
+            os.close(r)
+            os.close(w)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
