@@ -23,67 +23,34 @@ import json
 import multiprocessing as mp
 import os
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import redis
+from bench_core import RedisServer
 
 from tiercache import TieredCache, tiered
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+class Server(RedisServer):
+    """bench_core's throwaway redis-server (free loopback port, no persistence, stopped by
+    pid, gone with this process), started at once."""
 
-
-class Server:
     def __init__(self) -> None:
         binary = os.environ.get("TIERCACHE_REDIS_SERVER") or shutil.which("redis-server")
         if not binary:
             raise SystemExit("redis-server not found on PATH (apt-get install redis-server)")
-        self.port = free_port()
-        self.dir = tempfile.mkdtemp(prefix="tiercache-bench-")
-        self.proc = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                self.dir,
-                "--loglevel",
-                "warning",
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                if redis.Redis(port=self.port).ping():
-                    break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        super().__init__(binary)
+        self.start()
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
+        super().stop()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
