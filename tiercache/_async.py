@@ -16,7 +16,7 @@ import redis
 import redis.asyncio
 from redis.exceptions import NoScriptError
 
-from ._flight import Signal
+from ._flight import Flight
 from ._flow import CALL, Flow, Wait
 from ._remote import PoolBusy, RedisOp, RemoteFailure
 from .errors import ConfigError
@@ -167,7 +167,7 @@ async def _quietly(awaitable: Awaitable[Any]) -> None:
         pass
 
 
-async def wait(signal: Signal, timeout: float | None) -> None:
+async def wait(flight: Flight) -> None:
     loop = asyncio.get_running_loop()
     done = loop.create_future()
 
@@ -177,11 +177,8 @@ async def wait(signal: Signal, timeout: float | None) -> None:
         except RuntimeError:  # that loop has closed: nobody is waiting there any more
             pass
 
-    if signal.add_waiter(wake):
-        try:
-            await asyncio.wait_for(done, timeout)
-        except asyncio.TimeoutError:  # the flow reads the outcome from the signal itself
-            pass
+    if flight.add_waiter(wake):
+        await done
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
@@ -203,7 +200,7 @@ async def drive(flow: Flow, remote: AsyncRedis | None, call: Callable[[], Awaita
             if step is CALL:
                 reply = await call()  # type: ignore[misc]
             elif type(step) is Wait:
-                await wait(step.signal, step.timeout)
+                await wait(step.flight)
             else:
                 reply = await remote.execute(step)  # type: ignore[union-attr]
         except RemoteFailure as failure:  # a reply like any other: the flow settles it

@@ -17,22 +17,28 @@ from typing import Any
 
 from ._local import LocalCache
 
-__all__ = ["Flight", "FlightTable", "Signal"]
+__all__ = ["Flight", "FlightTable"]
 
 
-# One lock for every Signal: waiting is rare (only concurrent misses of one key), and a lock
-# per flight would be allocated on every miss and every L2 hit.
+# One lock for every Flight's waiters: waiting is rare (only concurrent misses of one key),
+# and a lock per flight would be allocated on every miss and every L2 hit.
 _SIGNALS = threading.Lock()
 
 
-class Signal:
-    """Something that ends once; waiters register a callback run (in any thread) when it does."""
+class Flight:
+    """One in-flight load (or, detached from the table, one write's watch on a key). It ends
+    once; waiters register a callback run (in any thread) when it does."""
 
-    __slots__ = ("_callbacks", "done")
+    __slots__ = ("_callbacks", "abandoned", "dirty", "done", "error", "key", "value")
 
-    def __init__(self) -> None:
+    def __init__(self, key: str) -> None:
         self.done = False
         self._callbacks: list[Callable[[], None]] | None = None
+        self.key = key
+        self.dirty = False
+        self.abandoned = False  # the leader stopped without an outcome (cancelled, interrupted)
+        self.value: Any = None
+        self.error: BaseException | None = None
 
     def add_waiter(self, callback: Callable[[], None]) -> bool:
         """Run ``callback`` when this ends; False (and no call) if it has ended already."""
@@ -52,20 +58,6 @@ class Signal:
             callbacks, self._callbacks = self._callbacks, None
         for callback in callbacks or ():
             callback()
-
-
-class Flight(Signal):
-    """One in-flight load (or, detached from the table, one write's watch on a key)."""
-
-    __slots__ = ("abandoned", "dirty", "error", "key", "value")
-
-    def __init__(self, key: str) -> None:
-        super().__init__()
-        self.key = key
-        self.dirty = False
-        self.abandoned = False  # the leader stopped without an outcome (cancelled, interrupted)
-        self.value: Any = None
-        self.error: BaseException | None = None
 
     def finish(self, value: Any) -> None:
         self.value = value

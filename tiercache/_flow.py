@@ -20,7 +20,7 @@ from typing import Any
 from . import _remote
 from ._codec import Codec
 from ._coherence import Bus, WriteResult
-from ._flight import Flight, FlightTable, Signal
+from ._flight import Flight, FlightTable
 from ._local import LocalCache
 from ._metrics import CacheStats, Counters, RateLimitedLog
 from ._remote import FAILED, LEASE_PREFIX, Breaker, PoolBusy, RedisOp, RemoteFailure
@@ -44,14 +44,13 @@ _SKIPPED: Any = object()  # a Redis step not sent (no Redis, or the breaker is o
 
 
 class Wait:
-    """Yielded by a flow to have the driver block (or await) until ``signal`` ends, or until
-    ``timeout`` seconds passed (None: no limit)."""
+    """Yielded by a flow to have the driver block (or await) until another caller's load
+    of the same key (``flight``) ends."""
 
-    __slots__ = ("signal", "timeout")
+    __slots__ = ("flight",)
 
-    def __init__(self, signal: Signal, timeout: float | None = None) -> None:
-        self.signal = signal
-        self.timeout = timeout
+    def __init__(self, flight: Flight) -> None:
+        self.flight = flight
 
 
 Flow = Generator[Any, Any, Any]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 from ._types import MISSING
@@ -89,13 +89,6 @@ class LocalCache:
             old = self._data.pop(key, None)
             if old is not None:
                 self.bytes -= old[2]
-
-    def pop_many(self, keys: Iterable[str]) -> None:
-        with self._lock:
-            for key in keys:
-                old = self._data.pop(key, None)
-                if old is not None:
-                    self.bytes -= old[2]
 
     def clear(self) -> None:
         with self._lock:

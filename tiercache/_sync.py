@@ -22,7 +22,7 @@ from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
 from ._coherence import Bus
-from ._flight import Signal
+from ._flight import Flight
 from ._flow import CALL, Flow, Wait
 from ._metrics import RateLimitedLog
 from ._remote import RedisOp, RemoteFailure, ack, read_seq
@@ -73,10 +73,10 @@ class SyncRedis:
         self.pool.disconnect()
 
 
-def wait(signal: Signal, timeout: float | None) -> None:
+def wait(flight: Flight) -> None:
     done = threading.Event()
-    if signal.add_waiter(done.set):
-        done.wait(timeout)
+    if flight.add_waiter(done.set):
+        done.wait()
 
 
 def drive(flow: Flow, remote: SyncRedis | None, call: Callable[[], Any] | None) -> Any:
@@ -93,7 +93,7 @@ def drive(flow: Flow, remote: SyncRedis | None, call: Callable[[], Any] | None) 
             if step is CALL:
                 reply = call()  # type: ignore[misc]
             elif type(step) is Wait:
-                wait(step.signal, step.timeout)
+                wait(step.flight)
             else:
                 reply = remote.execute(step)  # type: ignore[union-attr]
         except RemoteFailure as failure:  # a reply like any other: the flow settles it
