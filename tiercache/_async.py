@@ -17,7 +17,7 @@ import redis.asyncio
 from redis.exceptions import NoScriptError
 
 from ._flight import Flight
-from ._flow import CALL, Flow, Wait
+from ._flow import CALL, Flow, Spawn, Wait
 from ._remote import PoolBusy, RedisOp, RemoteFailure
 from .errors import ConfigError
 
@@ -167,7 +167,7 @@ async def _quietly(awaitable: Awaitable[Any]) -> None:
         pass
 
 
-async def wait(flight: Flight) -> None:
+async def wait(flight: Flight, timeout: float | None = None) -> None:
     loop = asyncio.get_running_loop()
     done = loop.create_future()
 
@@ -178,7 +178,33 @@ async def wait(flight: Flight) -> None:
             pass
 
     if flight.add_waiter(wake):
-        await done
+        if timeout is None:
+            await done
+        else:
+            try:
+                await asyncio.wait_for(done, timeout)
+            except asyncio.TimeoutError:
+                pass
+
+
+#: Detached loads and refreshes ahead of expiry running as tasks: the event loop keeps only
+#: weak references to tasks, so without these they could be collected mid-flight.
+_TASKS: set[asyncio.Task[Any]] = set()
+
+
+def spawn(step: Spawn, remote: AsyncRedis | None, call: Callable[[], Awaitable[Any]] | None) -> None:
+    """Run ``step.flow`` as a task on the running loop; a hard timeout may cancel it."""
+    loop = asyncio.get_running_loop()
+    task = loop.create_task(drive(step.flow, remote, call))
+    _TASKS.add(task)
+    task.add_done_callback(_finished)
+    step.flight.cancel = lambda: loop.call_soon_threadsafe(task.cancel)  # any thread may time out
+
+
+def _finished(task: asyncio.Task[Any]) -> None:
+    _TASKS.discard(task)
+    if not task.cancelled():
+        task.exception()  # the flow handed its outcome to its flight already: mark it seen
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
@@ -200,7 +226,9 @@ async def drive(flow: Flow, remote: AsyncRedis | None, call: Callable[[], Awaita
             if step is CALL:
                 reply = await call()  # type: ignore[misc]
             elif type(step) is Wait:
-                await wait(step.flight)
+                await wait(step.flight, step.timeout)
+            elif type(step) is Spawn:
+                spawn(step, remote, call)
             else:
                 reply = await remote.execute(step)  # type: ignore[union-attr]
         except RemoteFailure as failure:  # a reply like any other: the flow settles it

@@ -69,6 +69,13 @@ class TieredCache:
         connect_timeout: seconds to connect to Redis.
         pool_size: connections per pool (one pool per process, one per event loop for async).
         pool_timeout: seconds a caller waits for a free connection when all are busy.
+        lease_ttl: seconds a miss's lease lives in Redis. While one process loads a key,
+            the others wait for its result, at most this long: a holder that dies costs
+            that much, and a load slower than this is not stored. Keep it above your
+            slowest function's usual time.
+        breaker_threshold: consecutive Redis failures that open the circuit breaker (calls
+            then skip Redis entirely).
+        breaker_cooldown: seconds the breaker stays open before one call probes Redis.
         clock: monotonic clock in seconds (injected by tests).
 
     Example:
@@ -103,6 +110,9 @@ class TieredCache:
         connect_timeout: float = 0.5,
         pool_size: int = 64,
         pool_timeout: float = 1.0,
+        lease_ttl: float = 10.0,
+        breaker_threshold: int = 5,
+        breaker_cooldown: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         validate_namespace(namespace)
@@ -113,6 +123,10 @@ class TieredCache:
         _positive("socket_timeout", socket_timeout)
         _positive("connect_timeout", connect_timeout)
         _positive("pool_timeout", pool_timeout, allow_zero=True)
+        _positive("lease_ttl", lease_ttl)
+        _positive("breaker_cooldown", breaker_cooldown)
+        if not isinstance(breaker_threshold, int) or breaker_threshold < 1:
+            raise ConfigError(f"breaker_threshold={breaker_threshold!r} must be an int >= 1")
         if not isinstance(l1_maxsize, int) or l1_maxsize < 0:
             raise ConfigError(f"l1_maxsize={l1_maxsize!r} must be an int >= 0 (0 turns L1 off)")
         if l1_maxbytes is not None and (not isinstance(l1_maxbytes, int) or l1_maxbytes <= 0):
@@ -152,6 +166,9 @@ class TieredCache:
             clock=clock,
             block_slice=_block_slice(self._sync, socket_timeout),
             db=_database(self._sync),
+            lease_ttl=lease_ttl,
+            breaker_threshold=breaker_threshold,
+            breaker_cooldown=breaker_cooldown,
         )
         self._staleness_bound = staleness_bound
         self._closed = False

@@ -6,6 +6,11 @@ number and publishes ``{"n": origin node, "s": seq, "k": [keys], "a": ack list}`
 ``tc:{namespace}:inval:{db}``. For a ``wait=True`` write every receiver pushes its node id onto the
 ack list once it has applied the message.
 
+The same channel carries fill announcements, ``{"n": origin node, "f": [keys]}``: published
+by a fill (or a lease release) only when another process raised the key's waiter flag, they
+wake those waiters (see ``_remote.wait_lease``) and invalidate nothing. They are not
+numbered: losing one costs a waiter its timeout, never coherence.
+
 Invariant 4: L1 is trusted only while the subscriber is known to be subscribed; whenever
 that is in doubt (disconnect, half-open connection, a gap in the sequence, a malformed
 message) L1 is flushed, and it stays off until the subscription is confirmed again.
@@ -92,9 +97,13 @@ class Bus:
         """Apply a batch of messages; return the ack lists to push this node's id onto."""
         keys: list[str] = []
         acks: list[str] = []
+        filled: list[str] = []
         for payload in payloads:
             msg = self._parse(payload)
             if msg is None:
+                continue
+            if isinstance(msg, list):
+                filled.extend(msg)
                 continue
             self.messages += 1
             seq, origin, msg_keys, ack_key = msg
@@ -120,11 +129,16 @@ class Bus:
                 acks.append(ack_key)
         if keys:
             self._flights.evict(keys)
+        if filled:
+            self._flights.announced(filled)
         return acks
 
-    def _parse(self, payload: bytes) -> tuple[int, str, list[str], str] | None:
+    def _parse(self, payload: bytes) -> tuple[int, str, list[str], str] | list[str] | None:
+        """An invalidation as ``(seq, origin, keys, ack list)``; a fill announcement as its keys."""
         try:
             msg: Any = json.loads(payload)
+            if "f" in msg:
+                return [str(k) for k in msg["f"]] if isinstance(msg["f"], list) else []
             seq, origin, keys = int(msg["s"]), str(msg["n"]), msg["k"]
             if not isinstance(keys, list):  # cjson encodes an empty table as {}
                 keys = []

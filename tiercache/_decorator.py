@@ -19,6 +19,7 @@ from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, overload
 from . import _async, _sync
 from ._cache import TieredCache, _positive
 from ._coherence import WriteResult
+from ._flow import Policy
 from ._keys import KeyMaker, canonical_bytes, digest, function_prefix, user_key
 from .errors import ConfigError
 
@@ -54,10 +55,9 @@ class _Tiered:
         self,
         fn: Callable[..., Any],
         cache: TieredCache,
-        ttl: float | None,
-        l1_ttl: float | None,
         key: Callable[..., Any] | None,
         name: str | None,
+        options: dict[str, Any],
     ) -> None:
         self._fn = fn
         self._custom_key = key
@@ -65,9 +65,14 @@ class _Tiered:
         self._core = cache._core
         self._local = cache._core.local
         self._counters = cache._core.counters
-        self._ttl = ttl
-        self._l1_ttl = l1_ttl
-        self._prefix = function_prefix(cache.namespace, name or f"{fn.__module__}.{fn.__qualname__}")
+        qualname = f"{fn.__module__}.{fn.__qualname__}"
+        ttl = options.pop("ttl") or self._core.ttl
+        l1_ttl = options.pop("l1_ttl")
+        refresh_after = options.get("refresh_after")
+        if refresh_after is not None and refresh_after >= ttl:
+            raise ConfigError(f"refresh_after={refresh_after} must be less than ttl={ttl} (it refreshes before expiry)")
+        self._policy = Policy(qualname, ttl, self._core.l1_ttl if l1_ttl is None else l1_ttl, **options)
+        self._prefix = function_prefix(cache.namespace, name or qualname)
         self._keyfn: _KeyFn
         self._binding = ""
         # A first parameter named ``self`` makes a method, wherever the function is defined
@@ -244,7 +249,7 @@ class _SyncTiered(_Tiered):
     def _miss(self, key: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if self._hints_pending:
             self._register_return_types()
-        flow = self._core.read_through(key, self._ttl, self._l1_ttl, True)
+        flow = self._core.read_through(key, self._policy, True)
         return _sync.drive(flow, self._cache._sync, functools.partial(self._fn, *args, **kwargs))
 
     def invalidate(self, *args: Any, **kwargs: Any) -> WriteResult:
@@ -252,7 +257,7 @@ class _SyncTiered(_Tiered):
         return result
 
     def refresh(self, *args: Any, **kwargs: Any) -> Any:
-        flow = self._core.refresh(self._keyfn(args, kwargs), self._ttl, self._l1_ttl)
+        flow = self._core.refresh(self._keyfn(args, kwargs), self._policy)
         return _sync.drive(flow, self._cache._sync, functools.partial(self._fn, *args, **kwargs))
 
 
@@ -272,7 +277,7 @@ class _AsyncTiered(_Tiered):
     async def _miss(self, key: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if self._hints_pending:
             self._register_return_types()
-        flow = self._core.read_through(key, self._ttl, self._l1_ttl, True)
+        flow = self._core.read_through(key, self._policy, True)
         return await _async.drive(flow, self._cache._async, functools.partial(self._fn, *args, **kwargs))
 
     async def invalidate(self, *args: Any, **kwargs: Any) -> WriteResult:
@@ -282,7 +287,7 @@ class _AsyncTiered(_Tiered):
         return result
 
     async def refresh(self, *args: Any, **kwargs: Any) -> Any:
-        flow = self._core.refresh(self._keyfn(args, kwargs), self._ttl, self._l1_ttl)
+        flow = self._core.refresh(self._keyfn(args, kwargs), self._policy)
         return await _async.drive(flow, self._cache._async, functools.partial(self._fn, *args, **kwargs))
 
 
@@ -355,17 +360,12 @@ class _Bound:
 
 
 class _Decorator:
-    __slots__ = ("_cache", "_key", "_l1_ttl", "_name", "_ttl")
+    __slots__ = ("_cache", "_key", "_name", "_options")
 
     def __init__(
-        self,
-        cache: TieredCache,
-        ttl: float | None,
-        l1_ttl: float | None,
-        key: Callable[..., Any] | None,
-        name: str | None,
+        self, cache: TieredCache, key: Callable[..., Any] | None, name: str | None, options: dict[str, Any]
     ) -> None:
-        self._cache, self._ttl, self._l1_ttl, self._key, self._name = cache, ttl, l1_ttl, key, name
+        self._cache, self._key, self._name, self._options = cache, key, name, options
 
     @overload
     def __call__(self, fn: Callable[P, Coroutine[Any, Any, R]]) -> AsyncTieredFunction[P, R]: ...  # type: ignore[overload-overlap]
@@ -384,7 +384,7 @@ class _Decorator:
         if not callable(fn):
             raise ConfigError(f"@tiered needs a function, got {fn!r}")
         impl = _AsyncTiered if inspect.iscoroutinefunction(fn) else _SyncTiered
-        result = impl(fn, self._cache, self._ttl, self._l1_ttl, self._key, self._name)
+        result = impl(fn, self._cache, self._key, self._name, dict(self._options))
         if binding is not None:
             result._bind(binding)
         if result._binding in {"method", "class"}:
@@ -401,8 +401,19 @@ def tiered(
     l1_ttl: float | None = None,
     key: Callable[..., Any] | None = None,
     name: str | None = None,
+    stale_ttl: float = 0.0,
+    soft_timeout: float | None = None,
+    hard_timeout: float | None = None,
+    refresh_beta: float = 0.0,
+    refresh_after: float | None = None,
+    ttl_jitter: float = 0.0,
+    cache_errors: tuple[type[BaseException], ...] = (),
+    error_ttl: float = 5.0,
 ) -> _Decorator:
     """Cache a function's results in ``cache``'s L1 and Redis.
+
+    Concurrent misses of one key call the function once per process, and, through a lease
+    in Redis, once across processes: the others wait for that result (docs/stampede.md).
 
     Args:
         cache: the :class:`TieredCache` to use.
@@ -412,6 +423,28 @@ def tiered(
             is used as a user key (the same one ``cache.get``/``cache.set`` take), anything
             else is encoded canonically and digested.
         name: replaces ``module.qualname`` in the key, so keys survive moving the function.
+        stale_ttl: seconds an entry is kept in this process's L1 past its TTL, to answer
+            with if the function raises or outlasts a timeout (fail-safe). Never served
+            while the function succeeds in time, nor after an invalidation of the entry.
+        soft_timeout: seconds after which a caller that has a stale value answers with it,
+            while the load goes on in the background and stores its result.
+        hard_timeout: seconds after which callers stop waiting: the stale value if there is
+            one, else :class:`LoadTimeoutError`. An async load is cancelled; a sync one runs
+            on in its worker thread (Python cannot stop a thread).
+        refresh_beta: XFetch's beta (1.0 is the paper's default; larger refreshes earlier):
+            a hot entry is recomputed in the background, by one caller in one process,
+            before it expires, while callers keep getting the current value. 0: off.
+        refresh_after: seconds after a fill from which a call refreshes the entry in the
+            background (a soft TTL; must be below ``ttl``).
+        ttl_jitter: up to this fraction of ``ttl`` is taken off each fill's TTL at random
+            (0.1: 90-100 % of ttl), so entries filled together do not expire together.
+        cache_errors: exception types whose raising is remembered in this process's L1
+            for ``error_ttl`` seconds (negative caching): calls raise it again without
+            calling the function. Other exceptions are never cached.
+        error_ttl: seconds a cached exception is kept (only with ``cache_errors``).
+
+    With ``soft_timeout`` or ``hard_timeout`` a miss's load runs on a worker thread (sync)
+    or as a task (async), in a copy of the caller's context variables.
 
     Returns:
         A decorator turning a function into a :class:`TieredFunction` or, for ``async def``,
@@ -421,9 +454,35 @@ def tiered(
         raise ConfigError(f"tiered(cache=...) needs a TieredCache, got {cache!r}")
     _positive("ttl", ttl, optional=True)
     _positive("l1_ttl", l1_ttl, allow_zero=True, optional=True)
+    _positive("stale_ttl", stale_ttl, allow_zero=True)
+    _positive("soft_timeout", soft_timeout, optional=True)
+    _positive("hard_timeout", hard_timeout, optional=True)
+    _positive("refresh_beta", refresh_beta, allow_zero=True)
+    _positive("refresh_after", refresh_after, optional=True)
+    _positive("error_ttl", error_ttl)
+    if soft_timeout is not None and hard_timeout is not None and soft_timeout >= hard_timeout:
+        raise ConfigError(f"soft_timeout={soft_timeout} must be less than hard_timeout={hard_timeout}")
+    if not isinstance(ttl_jitter, (int, float)) or not 0 <= ttl_jitter < 1:
+        raise ConfigError(f"ttl_jitter={ttl_jitter!r} must be a fraction in [0, 1), e.g. 0.1")
+    if not isinstance(cache_errors, tuple) or not all(
+        isinstance(t, type) and issubclass(t, BaseException) for t in cache_errors
+    ):
+        raise ConfigError(f"cache_errors={cache_errors!r} must be a tuple of exception classes, e.g. (LookupError,)")
     if key is not None and not callable(key):
         raise ConfigError(f"key={key!r} must be a function with the decorated function's signature")
-    return _Decorator(cache, ttl, l1_ttl, key, name)
+    options: dict[str, Any] = {
+        "ttl": ttl,
+        "l1_ttl": l1_ttl,
+        "stale_ttl": stale_ttl,
+        "soft_timeout": soft_timeout,
+        "hard_timeout": hard_timeout,
+        "refresh_beta": refresh_beta,
+        "refresh_after": refresh_after,
+        "ttl_jitter": ttl_jitter,
+        "cache_errors": cache_errors,
+        "error_ttl": error_ttl,
+    }
+    return _Decorator(cache, key, name, options)
 
 
 def _first_param(fn: Callable[..., Any]) -> str | None:

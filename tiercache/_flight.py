@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from ._local import LocalCache
+from ._types import MISSING
 
 __all__ = ["Flight", "FlightTable"]
 
@@ -29,7 +30,7 @@ class Flight:
     """One in-flight load (or, detached from the table, one write's watch on a key). It ends
     once; waiters register a callback run (in any thread) when it does."""
 
-    __slots__ = ("_callbacks", "abandoned", "dirty", "done", "error", "key", "value")
+    __slots__ = ("_callbacks", "abandoned", "cancel", "dirty", "done", "error", "key", "stale", "value")
 
     def __init__(self, key: str) -> None:
         self.done = False
@@ -39,6 +40,11 @@ class Flight:
         self.abandoned = False  # the leader stopped without an outcome (cancelled, interrupted)
         self.value: Any = None
         self.error: BaseException | None = None
+        #: A value past its TTL but within ``stale_ttl``, to answer with if the load fails
+        #: or outlasts the soft timeout.
+        self.stale: Any = MISSING
+        #: Stops the load when it runs detached as an asyncio task (set by the driver).
+        self.cancel: Callable[[], Any] | None = None
 
     def add_waiter(self, callback: Callable[[], None]) -> bool:
         """Run ``callback`` when this ends; False (and no call) if it has ended already."""
@@ -75,12 +81,15 @@ class Flight:
 class FlightTable:
     """Key -> the Flight loading it, plus writes' watches. Thread-safe; shared by sync and async."""
 
-    __slots__ = ("_flights", "_local", "_lock", "_watches")
+    __slots__ = ("_fills", "_flights", "_local", "_lock", "_watches")
 
     def __init__(self, local: LocalCache) -> None:
         self._local = local
         self._flights: dict[str, Flight] = {}
         self._watches: dict[str, list[Flight]] = {}
+        # key -> the signal our load waits on while another *process* holds the key's lease:
+        # ended by that fill's announcement, or by anything that evicts the key here.
+        self._fills: dict[str, Flight] = {}
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -93,6 +102,7 @@ class FlightTable:
         self._lock = threading.Lock()
         self._flights = {}
         self._watches = {}
+        self._fills = {}
 
     def lead_or_join(self, key: str) -> tuple[Flight, bool]:
         """The flight for ``key`` and whether the caller leads it (must load) or joins it."""
@@ -116,42 +126,83 @@ class FlightTable:
                 self._watches.setdefault(w.key, []).append(w)
         return watches
 
-    def fill(self, flight: Flight, value: Any, expires_at: float, size: int) -> None:
+    def fill(
+        self,
+        flight: Flight,
+        value: Any,
+        expires_at: float,
+        size: int,
+        fresh_until: float | None = None,
+        stale_until: float | None = None,
+    ) -> None:
         """Put a load's result into L1 (until ``expires_at``) unless an invalidation overtook it."""
         if not self._local.accepting or self._local.maxsize <= 0:
             return
         with self._lock:
             if not flight.dirty:
-                self._local.put_until(flight.key, value, expires_at, size)
+                self._local.put_until(flight.key, value, expires_at, size, fresh_until, stale_until)
 
     def commit_write(
-        self, watches: Sequence[Flight], values: Sequence[Any] | None, expires_at: float, sizes: Sequence[int]
+        self,
+        watches: Sequence[Flight],
+        values: Sequence[Any] | None,
+        expires_at: float,
+        sizes: Sequence[int],
+        fresh_until: float | None = None,
+        stale_until: float | None = None,
     ) -> None:
         """After a write reached Redis: evict its keys here (dirtying loads in flight), then
         keep the written values in L1 for the keys no other write has overtaken meanwhile."""
         with self._lock:
             for w in watches:
                 self._unwatch(w)
-            self._evict([w.key for w in watches])
+            woken = self._evict([w.key for w in watches])
             if values is not None:
                 for w, value, size in zip(watches, values, sizes, strict=True):
                     if not w.dirty:
-                        self._local.put_until(w.key, value, expires_at, size)
+                        self._local.put_until(w.key, value, expires_at, size, fresh_until, stale_until)
+        _wake(woken)
 
     def abort_write(self, watches: Sequence[Flight]) -> None:
         with self._lock:
             for w in watches:
                 self._unwatch(w)
-            self._evict([w.key for w in watches])
+            woken = self._evict([w.key for w in watches])
+        _wake(woken)
+
+    def unwatch(self, watches: Sequence[Flight]) -> None:
+        """A write that did not happen and leaves L1 as it is (a refresh another process runs)."""
+        with self._lock:
+            for w in watches:
+                self._unwatch(w)
+
+    def await_fill(self, key: str) -> Flight:
+        """A signal that ends when another process's fill (or release) of ``key`` is announced,
+        or when anything evicts ``key`` here: then it is worth looking in Redis again."""
+        with self._lock:
+            signal = self._fills.get(key)
+            if signal is None or signal.done:
+                signal = self._fills[key] = Flight(key)
+            return signal
+
+    def announced(self, keys: Iterable[str]) -> None:
+        """Fills (or releases) of ``keys`` by other processes: wake whoever waits for them."""
+        with self._lock:
+            woken = [signal for key in keys if (signal := self._fills.pop(key, None)) is not None]
+        _wake(woken)
 
     def evict(self, keys: Iterable[str]) -> None:
         """An invalidation of ``keys``: dirty and detach their loads and watches, drop them from L1."""
         with self._lock:
-            self._evict(keys)
+            woken = self._evict(keys)
+        _wake(woken)
 
     def flush(self, accepting: bool) -> None:
         """Everything may be stale (lost messages): dirty every load and watch, empty L1, and
-        let L1 take new entries only if ``accepting`` (the bus is known to be healthy)."""
+        let L1 take new entries only if ``accepting`` (the bus is known to be healthy).
+
+        Entries within a ``stale_ttl`` stay, demoted: never served as fresh again, only if
+        their function fails (the fail-safe outlives the outage it is for)."""
         with self._lock:
             for flight in self._flights.values():
                 flight.dirty = True
@@ -159,10 +210,14 @@ class FlightTable:
             for watches in self._watches.values():
                 for w in watches:
                     w.dirty = True
+            woken = list(self._fills.values())
+            self._fills.clear()
             self._local.accepting = accepting
-            self._local.clear()
+            self._local.clear(keep_stale=True)
+        _wake(woken)
 
-    def _evict(self, keys: Iterable[str]) -> None:
+    def _evict(self, keys: Iterable[str]) -> list[Flight]:
+        woken = []
         for key in keys:
             flight = self._flights.pop(key, None)
             if flight is not None:
@@ -170,6 +225,10 @@ class FlightTable:
             for w in self._watches.get(key, ()):
                 w.dirty = True
             self._local.pop(key)
+            signal = self._fills.pop(key, None)
+            if signal is not None:
+                woken.append(signal)
+        return woken
 
     def _unwatch(self, watch: Flight) -> None:
         watches = self._watches.get(watch.key)
@@ -177,3 +236,9 @@ class FlightTable:
             watches.remove(watch)
             if not watches:
                 del self._watches[watch.key]
+
+
+def _wake(signals: list[Flight]) -> None:
+    # Outside the table's lock: waking runs waiters' callbacks.
+    for signal in signals:
+        signal.finish(None)

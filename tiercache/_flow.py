@@ -12,6 +12,8 @@ before a generator is ever made.
 from __future__ import annotations
 
 import itertools
+import math
+import random
 import secrets
 import threading
 from collections.abc import Callable, Generator, Sequence
@@ -25,9 +27,9 @@ from ._local import LocalCache
 from ._metrics import CacheStats, Counters, RateLimitedLog
 from ._remote import FAILED, LEASE_PREFIX, Breaker, PoolBusy, RedisOp, RemoteFailure
 from ._types import MISSING
-from .errors import BackendError, CodecError, ValueTooLargeError
+from .errors import BackendError, CodecError, LoadTimeoutError, ValueTooLargeError
 
-__all__ = ["CALL", "Core", "Flow", "Wait"]
+__all__ = ["CALL", "CachedError", "Core", "Flow", "Policy", "Spawn", "Wait"]
 
 
 class _Call:
@@ -44,13 +46,123 @@ _SKIPPED: Any = object()  # a Redis step not sent (no Redis, or the breaker is o
 
 
 class Wait:
-    """Yielded by a flow to have the driver block (or await) until another caller's load
-    of the same key (``flight``) ends."""
+    """Yielded by a flow to have the driver block (or await) until ``flight`` ends, or until
+    ``timeout`` seconds passed (None: no limit). The flow then looks at ``flight.done``."""
 
-    __slots__ = ("flight",)
+    __slots__ = ("flight", "timeout")
 
-    def __init__(self, flight: Flight) -> None:
+    def __init__(self, flight: Flight, timeout: float | None = None) -> None:
         self.flight = flight
+        self.timeout = timeout
+
+
+class Spawn:
+    """Yielded by a flow to have the driver run another flow in the background (a worker
+    thread, or a task on the running loop), with the same function to call, and go on at
+    once. The driver sets ``flight.cancel`` when it can stop the background flow."""
+
+    __slots__ = ("flight", "flow")
+
+    def __init__(self, flow: Flow, flight: Flight) -> None:
+        self.flow = flow
+        self.flight = flight
+
+
+class CachedError:
+    """An exception kept in L1 by ``cache_errors`` (negative caching): raised, not returned."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+class Policy:
+    """How calls of one decorated function (or ``cache.get``) use the tiers: the decorator's
+    arguments with the cache's defaults filled in, plus what is learnt while running (the
+    function's typical load time, for XFetch). Validated by the caller."""
+
+    __slots__ = (
+        "cache_errors",
+        "detached",
+        "early",
+        "error_ttl",
+        "hard_timeout",
+        "inspect",
+        "l1_ttl",
+        "load_time",
+        "name",
+        "refresh_after",
+        "refresh_beta",
+        "soft_timeout",
+        "stale_ttl",
+        "ttl",
+        "ttl_jitter",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        ttl: float,
+        l1_ttl: float,
+        *,
+        stale_ttl: float = 0.0,
+        soft_timeout: float | None = None,
+        hard_timeout: float | None = None,
+        refresh_beta: float = 0.0,
+        refresh_after: float | None = None,
+        ttl_jitter: float = 0.0,
+        cache_errors: tuple[type[BaseException], ...] = (),
+        error_ttl: float = 0.0,
+    ) -> None:
+        self.name = name
+        self.ttl = ttl
+        self.l1_ttl = l1_ttl
+        self.stale_ttl = stale_ttl
+        self.soft_timeout = soft_timeout
+        self.hard_timeout = hard_timeout
+        self.refresh_beta = refresh_beta
+        self.refresh_after = refresh_after
+        self.ttl_jitter = ttl_jitter
+        self.cache_errors = cache_errors
+        self.error_ttl = error_ttl
+        #: Seconds the function took, a moving average (XFetch's delta).
+        self.load_time = 0.0
+        #: Refresh ahead of expiry: L1 entries turn "due" before they expire.
+        self.early = refresh_beta > 0 or refresh_after is not None
+        #: Loads run in the background, callers wait with timeouts.
+        self.detached = soft_timeout is not None or hard_timeout is not None
+        #: A call past an entry's ``fresh_until`` must look at the entry (refresh-ahead, stale
+        #: copies, cached errors) before loading.
+        self.inspect = self.early or stale_ttl > 0 or bool(cache_errors)
+
+    def record_load_time(self, seconds: float) -> None:
+        self.load_time = seconds if self.load_time == 0.0 else 0.8 * self.load_time + 0.2 * seconds
+
+    def l2_ttl(self) -> float:
+        """The TTL of one fill in Redis: ``ttl``, shortened by up to ``ttl_jitter`` of it at
+        random so keys filled together do not expire together."""
+        if self.ttl_jitter:
+            return self.ttl * (1.0 - self.ttl_jitter * random.random())  # noqa: S311 - jitter
+        return self.ttl
+
+    def fresh_until(self, expires: float) -> float | None:
+        """When an entry that ends in Redis at ``expires`` becomes due for a refresh ahead of
+        time: XFetch (Vattani et al., VLDB 2015) draws ``delta * beta * -ln(U)`` before the
+        end, once per fill and process rather than per read (so the hit path stays a dict
+        lookup and one comparison), and ``refresh_after`` is a fixed soft TTL."""
+        if not self.early:
+            return None
+        points = []
+        if self.refresh_after is not None:
+            points.append(expires - self.ttl + self.refresh_after)
+        if self.refresh_beta > 0:
+            u = 1.0 - random.random()  # noqa: S311 - a draw, not a secret; in (0, 1]
+            points.append(expires - self.load_time * self.refresh_beta * -math.log(u))
+        return min(points)
+
+
+_RETRY: Any = object()
 
 
 Flow = Generator[Any, Any, Any]
@@ -76,6 +188,9 @@ class Core:
         clock: Callable[[], float],
         block_slice: float = 0.1,
         db: int = 0,
+        lease_ttl: float = 10.0,
+        breaker_threshold: int = 5,
+        breaker_cooldown: float = 1.0,
     ) -> None:
         self.namespace = namespace
         self.ttl = ttl
@@ -87,8 +202,11 @@ class Core:
         self.clock = clock
         self.block_slice = block_slice  # longest a blocking command may wait (< socket timeout)
         #: How long a miss's lease lives: a load slower than this still answers its callers,
-        #: but its result is not stored in Redis.
-        self.lease_ms = 10_000
+        #: but its result is not stored in Redis; and the longest another process waits for
+        #: this one's load (one whose holder died) before loading itself.
+        self.lease_ms = _ms(lease_ttl)
+        #: What ``cache.get`` and ``cache.set`` use: the cache's TTLs, no extra policy.
+        self.default_policy = Policy("cache.get", ttl, l1_ttl)
         self.node_id = secrets.token_hex(8)
         self._marker_base = self.node_id.encode()
         self._markers = itertools.count()
@@ -98,7 +216,7 @@ class Core:
         self.seq_key = f"tc:{namespace}:seq"
         self.counters = Counters()
         self.flights = FlightTable(local)
-        self.breaker = Breaker(threshold=5, cooldown=1.0, clock=clock)
+        self.breaker = Breaker(threshold=breaker_threshold, cooldown=breaker_cooldown, clock=clock)
         self._last_failure: BaseException | None = None  # the cause of "breaker open" errors
         #: Applies invalidations that have arrived, from a caller's thread (set by the cache
         #: when it runs a subscriber; see _sync.Subscriber.poll).
@@ -134,6 +252,12 @@ class Core:
             backend_errors=c.backend_errors,
             codec_errors=c.codec_errors,
             not_cached=c.not_cached,
+            lease_waits=c.lease_waits,
+            lease_timeouts=c.lease_timeouts,
+            stale_served=c.stale_served,
+            load_timeouts=c.load_timeouts,
+            refreshes_ahead=c.refreshes_ahead,
+            errors_cached=c.errors_cached,
             l1_size=len(self.local),
             l1_bytes=self.local.bytes,
             in_flight=len(self.flights),
@@ -151,46 +275,143 @@ class Core:
         if value is not MISSING:
             self.counters.l1_hits += 1
             return value
-        return (yield from self.read_through(key, None, None, False))
+        return (yield from self.read_through(key, self.default_policy, False))
 
-    def read_through(self, key: str, ttl: float | None, l1_ttl: float | None, load: bool) -> Flow:
+    def read_through(self, key: str, policy: Policy, load: bool) -> Flow:
         """L2, else the function (when ``load``), single-flighted per key. L1 was checked already.
 
         Returns the value, or MISSING when ``load`` is false and neither tier has it.
         """
+        stale = MISSING
+        if policy.inspect:
+            entry = self.local.entry(key)
+            if entry is not None:
+                value, now = entry[0], self.clock()
+                if now < entry[3]:
+                    if type(value) is CachedError:
+                        raise value.error
+                    # Past fresh_until but not expired: answer now, refresh in the background.
+                    self.counters.l1_hits += 1
+                    if load:
+                        yield from self._refresh_ahead(key, policy)
+                    return value
+                if now < entry[4] and type(value) is not CachedError:
+                    stale = value
         while True:
             flight, leader = self.flights.lead_or_join(key)
             if leader:
-                break
-            yield Wait(flight)
-            if flight.abandoned:  # the leader was cancelled: try again, maybe as the leader
-                continue
-            if load and flight.value is MISSING and flight.error is None:
-                continue  # we joined a cache.get() (which may not load) that found nothing
-            if flight.error is not None:
-                raise flight.error
-            return flight.value
+                flight.stale = stale
+                if not (load and policy.detached):
+                    return (yield from self._lead(flight, key, policy, load))
+                # With timeouts the load runs detached and this caller waits like any other,
+                # so it can stop waiting (and take the stale value) while the load goes on.
+                yield Spawn(self._lead(flight, key, policy, load), flight)
+            value = yield from self._join(flight, policy, flight.stale if stale is MISSING else stale, load)
+            if value is not _RETRY:
+                return value
+
+    def _lead(self, flight: Flight, key: str, policy: Policy, load: bool) -> Flow:
+        """The load of ``key`` for every caller waiting on ``flight``. The flight always ends
+        and always leaves the table, whatever is raised (cancellation included)."""
         try:
             value = self.local.get(key)  # filled between our L1 miss and taking the lead?
             if value is MISSING:
-                value = yield from self._load(flight, key, ttl, l1_ttl, load)
+                value = yield from self._load(flight, key, policy, load)
         except Exception as exc:
             self.flights.release(flight)
+            if flight.stale is not MISSING and not isinstance(exc, BackendError):
+                self._serve_stale(policy, f"the function raised {type(exc).__name__}: {exc}")
+                flight.finish(flight.stale)
+                return flight.stale
+            if policy.cache_errors and isinstance(exc, policy.cache_errors):
+                self.counters.errors_cached += 1
+                expires = self.clock() + policy.error_ttl
+                self.flights.fill(flight, CachedError(exc), expires, 0, fresh_until=0.0)
             flight.fail(exc)
             raise
+        except BaseException:
+            self.flights.release(flight)
+            flight.abandon()  # the waiters try again, one of them as the new leader
+            raise
+        self.flights.release(flight)
+        flight.finish(value)
+        if policy.early and load:
+            entry = self.local.entry(key)  # an L2 hit already due for its refresh
+            if entry is not None and entry[1] <= self.clock() < entry[3]:
+                yield from self._refresh_ahead(key, policy)
+        return value
+
+    def _join(self, flight: Flight, policy: Policy, stale: Any, load: bool) -> Flow:
+        """Wait for another caller's load of the key; _RETRY when it ended without an answer."""
+        soft, hard = (policy.soft_timeout, policy.hard_timeout) if load else (None, None)
+        started = self.clock()
+        if soft is not None:
+            yield Wait(flight, soft)
+            if not flight.done and stale is not MISSING:
+                self._serve_stale(policy, f"the function ran past soft_timeout={soft} s")
+                return stale
+        if hard is not None:
+            if not flight.done:
+                yield Wait(flight, max(0.0, hard - (self.clock() - started)))
+            if not flight.done:
+                self.counters.load_timeouts += 1
+                self.flights.release(flight)  # the next call starts a new load
+                if flight.cancel is not None:
+                    flight.cancel()
+                if stale is not MISSING:
+                    self._serve_stale(policy, f"the function ran past hard_timeout={hard} s")
+                    return stale
+                raise LoadTimeoutError(
+                    f"{policy.name} did not return within hard_timeout={hard} s; raise hard_timeout, "
+                    f"or give stale_ttl to answer with the last value instead"
+                )
+        elif not flight.done:
+            yield Wait(flight)
+        if flight.abandoned:  # the leader was cancelled: try again, maybe as the leader
+            return _RETRY
+        if load and flight.value is MISSING and flight.error is None:
+            return _RETRY  # we joined a cache.get() (which may not load) that found nothing
+        if flight.error is not None:
+            raise flight.error
+        return flight.value
+
+    def _serve_stale(self, policy: Policy, why: str) -> None:
+        self.counters.stale_served += 1
+        self.log.emit("stale", "tiercache: answering %s with a stale value: %s", policy.name, why)
+
+    def _refresh_ahead(self, key: str, policy: Policy) -> Flow:
+        """Start one background refresh of ``key`` unless a load of it is running here."""
+        flight, leader = self.flights.lead_or_join(key)
+        if leader:
+            self.counters.refreshes_ahead += 1
+            yield Spawn(self._ahead(flight, key, policy), flight)
+
+    def _ahead(self, flight: Flight, key: str, policy: Policy) -> Flow:
+        try:
+            value = yield from self.refresh(key, policy, exclusive=True)
+        except Exception as exc:  # noqa: BLE001 - nobody waits for it: counted and logged
+            self.flights.release(flight)
+            flight.abandon()
+            self.log.emit("refresh", "tiercache: refresh ahead of %s failed: %r", policy.name, exc)
+            return None
         except BaseException:
             self.flights.release(flight)
             flight.abandon()
             raise
         self.flights.release(flight)
-        flight.finish(value)
+        if value is MISSING:  # another process is refreshing it
+            flight.abandon()
+        else:
+            flight.finish(value)
         return value
 
-    def _load(self, flight: Flight, key: str, ttl: float | None, l1_ttl: float | None, load: bool) -> Flow:
+    def _load(self, flight: Flight, key: str, policy: Policy, load: bool) -> Flow:
         marker = LEASE_PREFIX + b"%s:%d" % (self._marker_base, next(self._markers)) if load else b""
         op = _remote.fetch(key, marker, self.lease_ms) if load else _remote.peek(key)
         sent_at = self.clock()
         found = self._settle(op, (yield op) if self._allow() else _SKIPPED)
+        if found is False and load:
+            found, sent_at = yield from self._await_other(key, marker)
         unreadable: bytes | None = None
         if isinstance(found, tuple):
             data, pttl = found
@@ -207,31 +428,37 @@ class Core:
                 # the moment we sent it (not from now, after the reply and decoding) errs early.
                 # PTTL -1: no expiry; -2: the key expired between the two pipelined commands.
                 remaining = pttl / 1000.0 if pttl >= 0 else float("inf") if pttl == -1 else 0.0
-                self.flights.fill(flight, value, sent_at + min(self._l1_ttl(l1_ttl), remaining), len(data))
+                self._fill(flight, value, len(data), policy, sent_at, remaining)
                 return value
         self.counters.misses += 1
         if not load:
             return MISSING
         self.counters.loads += 1
+        started = self.clock()
         try:
             value = yield CALL
         except Exception:
             self.counters.load_errors += 1
-            if found is True:  # hand the key back now rather than after the lease TTL
-                yield from self._quietly(_remote.release(key, marker))
+            if found is True:  # hand the key back now (waking waiters) rather than after the lease TTL
+                yield from self._quietly(_remote.release(key, marker, self.channel, self.node_id))
             raise
+        except BaseException:
+            if found is True:
+                yield from self._quietly(_remote.release(key, marker, self.channel, self.node_id))
+            raise
+        policy.record_load_time(self.clock() - started)
         data = self._encode_or_none(key, value)
         if data is None:
             if found is True:
-                yield from self._quietly(_remote.release(key, marker))
+                yield from self._quietly(_remote.release(key, marker, self.channel, self.node_id))
             return value
-        ttl_s = self.ttl if ttl is None else ttl
+        ttl_s = policy.l2_ttl()
         sent_at = self.clock()
         if found is True:
             # invariant 3: lands only if no write or invalidation of the key came since the
             # miss (they replace our lease marker). The lease, not our local dirty mark,
             # decides: a local flush on resubscribe says nothing about Redis.
-            op = _remote.fill(key, marker, data, _ms(ttl_s))
+            op = _remote.fill(key, marker, data, _ms(ttl_s), self.channel, self.node_id)
             if self._settle(op, (yield op) if self._allow() else _SKIPPED) is False:
                 return value  # refused: the key was written since our miss, so this is stale
         elif unreadable is not None:
@@ -240,28 +467,74 @@ class Core:
             self._settle(op, (yield op) if self._allow() else _SKIPPED)
         # invariant 2: fill() keeps a load overtaken by an invalidation out of L1. The Redis
         # copy's TTL started after sent_at, so L1's, counted from sent_at, ends no later.
-        self.flights.fill(flight, value, sent_at + min(self._l1_ttl(l1_ttl), ttl_s), len(data))
+        self._fill(flight, value, len(data), policy, sent_at, ttl_s)
         return value
 
-    def refresh(self, key: str, ttl: float | None, l1_ttl: float | None) -> Flow:
+    def _fill(self, flight: Flight, value: Any, size: int, policy: Policy, sent_at: float, left: float) -> None:
+        """Into L1 (unless overtaken), for at most the ``left`` seconds Redis keeps it from ``sent_at``."""
+        expires = sent_at + left
+        stale_until = expires + policy.stale_ttl if policy.stale_ttl else None
+        fresh_until = policy.fresh_until(expires)
+        self.flights.fill(flight, value, sent_at + min(policy.l1_ttl, left), size, fresh_until, stale_until)
+
+    def _await_other(self, key: str, marker: bytes) -> Flow:
+        """Another process holds the key's lease: wait for its fill instead of loading too.
+
+        Each round reads the key again in one script (``wait_lease``) that also raises the
+        key's waiter flag, so the holder's fill or release is announced on the bus and ends
+        our wait (``FlightTable.await_fill``; registered before the read, so an announcement
+        cannot slip in between). A wait is bounded by what the other lease has left: a holder
+        that died (SIGKILL) costs at most the lease TTL, after which we take the lease. With
+        no bus to hear announcements (``coherent=False``, or it is reconnecting) the rounds
+        back off from 5 ms to 250 ms instead. Returns what ``fetch`` would have (a value,
+        True for our lease, False: load without storing) and when its read was sent."""
+        deadline = self.clock() + self.lease_ms / 1000.0
+        pause = 0.005
+        while True:
+            signal = self.flights.await_fill(key)
+            op = _remote.wait_lease(key, marker, self.lease_ms)
+            sent_at = self.clock()
+            got = self._settle(op, (yield op) if self._allow() else _SKIPPED)
+            if got is FAILED:
+                return False, sent_at
+            if type(got) is not int:
+                return got, sent_at
+            left = deadline - self.clock()
+            if left <= 0:
+                self.counters.lease_timeouts += 1
+                return False, sent_at
+            timeout = min(got / 1000.0 + 0.001, left)
+            if self.bus is None or not self.bus.connected.is_set():
+                timeout, pause = min(timeout, pause), min(pause * 2, 0.25)
+            self.counters.lease_waits += 1
+            yield Wait(signal, timeout)
+
+    def refresh(self, key: str, policy: Policy, exclusive: bool = False) -> Flow:
         """Call the function now and write its result to both tiers, telling every node.
 
         The old value keeps being served meanwhile. Invariant 3: a write or invalidation of
         the key while the function runs wins: the refresh's result is returned to its caller
-        but stored nowhere (Redis refuses it, and the local watch keeps it out of L1)."""
+        but stored nowhere (Redis refuses it, and the local watch keeps it out of L1).
+        ``exclusive`` (refresh-ahead): only if no other process is refreshing the key, else
+        return MISSING without calling the function."""
         token = LEASE_PREFIX + b"%s:%d" % (self._marker_base, next(self._markers))
         watches = self.flights.watch([key])
         try:
-            op = _remote.begin_refresh(key, token, self.lease_ms)
+            op = _remote.begin_refresh(key, token, self.lease_ms, exclusive)
             begun = self._settle(op, (yield op) if self._allow() else _SKIPPED)
+            if begun is False:
+                self.flights.unwatch(watches)
+                return MISSING
             self.counters.loads += 1
+            started = self.clock()
             try:
                 value = yield CALL
             except Exception:
                 self.counters.load_errors += 1
                 raise
+            policy.record_load_time(self.clock() - started)
             data = self._encode_or_none(key, value)
-            ttl_s = self.ttl if ttl is None else ttl
+            ttl_s = policy.l2_ttl()
             sent_at = self.clock()
             if data is None or (begun is FAILED and self.has_remote):
                 self.flights.abort_write(watches)
@@ -275,7 +548,15 @@ class Core:
         except BaseException:
             self.flights.abort_write(watches)
             raise
-        self.flights.commit_write(watches, [value], sent_at + min(self._l1_ttl(l1_ttl), ttl_s), [len(data)])
+        expires = sent_at + ttl_s
+        self.flights.commit_write(
+            watches,
+            [value],
+            sent_at + min(policy.l1_ttl, ttl_s),
+            [len(data)],
+            policy.fresh_until(expires),
+            expires + policy.stale_ttl if policy.stale_ttl else None,
+        )
         return value
 
     def set(self, key: str, value: Any, ttl: float | None, l1_ttl: float | None, wait: float | None) -> Flow:

@@ -17,7 +17,9 @@ from typing import Any
 
 from ._types import MISSING
 
-__all__ = ["LocalCache"]
+__all__ = ["Entry", "LocalCache"]
+
+Entry = tuple[Any, float, int, float, float]
 
 
 class LocalCache:
@@ -33,8 +35,13 @@ class LocalCache:
         # puts are dropped, so with the cache emptied at the same time nothing is served.
         self.accepting = True
         self._clock = clock
-        # key -> (value, expires_at, size)
-        self._data: OrderedDict[str, tuple[Any, float, int]] = OrderedDict()
+        # key -> (value, fresh_until, size, valid_until, stale_until). The hit path reads only
+        # the first two: a hit is an entry before ``fresh_until``. Past it, the slow path
+        # (``Core.read_through``) looks further: before ``valid_until`` (later than
+        # ``fresh_until`` only with refresh-ahead) it is still served while a refresh runs;
+        # before ``stale_until`` (later only with ``stale_ttl``) it is kept to be served if
+        # the function fails. Without those policies all three deadlines are equal.
+        self._data: OrderedDict[str, Entry] = OrderedDict()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -45,7 +52,7 @@ class LocalCache:
         self._lock = threading.Lock()
 
     def get(self, key: str) -> Any:
-        """The live value under ``key`` (and mark it recently used), else MISSING."""
+        """The fresh value under ``key`` (and mark it recently used), else MISSING."""
         entry = self._data.get(key)
         if entry is None:
             return MISSING
@@ -55,24 +62,42 @@ class LocalCache:
             except KeyError:  # removed by another thread since the get: still a hit
                 pass
             return entry[0]
-        self._remove_if(key, entry)
+        if entry[4] <= self._clock():
+            self._remove_if(key, entry)
         return MISSING
+
+    def entry(self, key: str) -> Entry | None:
+        """The raw entry under ``key``, fresh or not (see the layout in ``__init__``)."""
+        return self._data.get(key)
 
     def put(self, key: str, value: Any, ttl: float, size: int) -> None:
         """Store ``value`` for ``ttl`` seconds; evict least recently used entries past the bounds."""
         self.put_until(key, value, self._clock() + ttl, size)
 
-    def put_until(self, key: str, value: Any, expires_at: float, size: int) -> None:
-        """Store ``value`` until the clock reads ``expires_at``; evict past the bounds."""
+    def put_until(
+        self,
+        key: str,
+        value: Any,
+        expires_at: float,
+        size: int,
+        fresh_until: float | None = None,
+        stale_until: float | None = None,
+    ) -> None:
+        """Store ``value`` until the clock reads ``expires_at``; evict past the bounds.
+
+        ``fresh_until`` (earlier): from then on a call refreshes it ahead of expiry;
+        ``stale_until`` (later): kept that long to be served if the function fails."""
+        fresh = expires_at if fresh_until is None else min(fresh_until, expires_at)
+        stale = expires_at if stale_until is None else max(stale_until, expires_at)
         if (
             not self.accepting
             or self.maxsize <= 0
             or (self.maxbytes is not None and size > self.maxbytes)
-            or expires_at <= self._clock()
+            or stale <= self._clock()
         ):
             self.pop(key)
             return
-        entry = (value, expires_at, size)
+        entry = (value, fresh, size, expires_at, stale)
         with self._lock:
             old = self._data.pop(key, None)
             if old is not None:
@@ -90,17 +115,24 @@ class LocalCache:
             if old is not None:
                 self.bytes -= old[2]
 
-    def clear(self) -> None:
+    def clear(self, keep_stale: bool = False) -> None:
+        """Drop every entry; ``keep_stale``: entries within their ``stale_ttl`` stay, but only
+        to be served if the function fails (they are no longer fresh or valid)."""
+        now = self._clock()
         with self._lock:
+            kept = [(k, e) for k, e in self._data.items() if e[4] > max(now, e[3])] if keep_stale else []
             self._data.clear()
             self.bytes = 0
+            for key, (value, _, size, _, stale) in kept:
+                self._data[key] = (value, 0.0, size, 0.0, stale)
+                self.bytes += size
 
     def ttl_left(self, key: str) -> float | None:
         """Seconds until ``key`` expires in L1, or None when it is not there (for tests and stats)."""
         entry = self._data.get(key)
         return None if entry is None else entry[1] - self._clock()
 
-    def _remove_if(self, key: str, entry: tuple[Any, float, int]) -> None:
+    def _remove_if(self, key: str, entry: Entry) -> None:
         with self._lock:
             if self._data.get(key) is entry:
                 del self._data[key]

@@ -31,6 +31,19 @@ class CacheStats:
     l1_size: int
     l1_bytes: int
     in_flight: int
+    lease_waits: int = 0
+    """Times a miss waited for another process's load of the key (cross-process single-flight)."""
+    lease_timeouts: int = 0
+    """Waits for another process's load that ran out, after which this process loaded itself."""
+    stale_served: int = 0
+    """Calls answered with a value past its TTL (within ``stale_ttl``) because the load failed
+    or outlasted ``soft_timeout``."""
+    load_timeouts: int = 0
+    """Calls that gave up on a load at ``hard_timeout``."""
+    refreshes_ahead: int = 0
+    """Background refreshes started before expiry (``refresh_beta`` / ``refresh_after``)."""
+    errors_cached: int = 0
+    """Exceptions kept in L1 by ``cache_errors`` (negative caching)."""
     bus_connected: bool | None = None
     """Whether the invalidation subscriber is subscribed (None: no bus, L1-only or coherent=False)."""
     bus_messages: int = 0
@@ -45,7 +58,22 @@ class CacheStats:
 
 
 class Counters:
-    __slots__ = ("backend_errors", "codec_errors", "l1_hits", "l2_hits", "load_errors", "loads", "misses", "not_cached")
+    __slots__ = (
+        "backend_errors",
+        "codec_errors",
+        "errors_cached",
+        "l1_hits",
+        "l2_hits",
+        "lease_timeouts",
+        "lease_waits",
+        "load_errors",
+        "load_timeouts",
+        "loads",
+        "misses",
+        "not_cached",
+        "refreshes_ahead",
+        "stale_served",
+    )
 
     def __init__(self) -> None:
         self.l1_hits = 0
@@ -56,6 +84,12 @@ class Counters:
         self.backend_errors = 0
         self.codec_errors = 0
         self.not_cached = 0
+        self.lease_waits = 0
+        self.lease_timeouts = 0
+        self.stale_served = 0
+        self.load_timeouts = 0
+        self.refreshes_ahead = 0
+        self.errors_cached = 0
 
 
 class RateLimitedLog:

@@ -31,6 +31,8 @@ __all__ = [
     "release",
     "replace",
     "take_acks",
+    "wait_lease",
+    "waiters_key",
     "write",
 ]
 
@@ -98,18 +100,50 @@ LEASE_PREFIX = b"\xc7\x00"
 # Lua and a miss takes its lease in the same round trip, and any write or invalidation of the
 # key (SET or DEL) replaces the marker: invariant 3 with no extra key.
 
-# KEYS[1] the value. ARGV[1] our marker, ARGV[2] bytes, ARGV[3] ttl ms.
-# Invariant 3: the fill lands only while our marker is still there.
+# Processes that find another's marker wait for the fill to be announced instead of polling
+# (``wait_lease``): they raise the key's waiter flag ``<key>:w`` (same hash slot), and a fill
+# or release that finds the flag publishes ``{"n": node, "f": [key]}`` on the invalidation
+# channel. Fills nobody waits for publish nothing.
+
+# KEYS[1] the value, KEYS[2] its waiter flag. ARGV[1] our marker, ARGV[2] bytes, ARGV[3] ttl
+# ms, ARGV[4] channel, ARGV[5] node id. Invariant 3: the fill lands only while our marker holds.
 _FILL = Script("""
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+if redis.call('DEL', KEYS[2]) == 1 then
+  redis.call('PUBLISH', ARGV[4], cjson.encode({n = ARGV[5], f = {KEYS[1]}}))
+end
 return 1
 """)
 
-# KEYS[1] the value. ARGV[1] our marker: give the lease back (the load failed or stores nothing).
+# KEYS[1] the value, KEYS[2] its waiter flag. ARGV[1] our marker, ARGV[2] channel, ARGV[3]
+# node id: give the lease back (the load failed or stores nothing), waking any waiters.
 _RELEASE = Script("""
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+if redis.call('DEL', KEYS[2]) == 1 then
+  redis.call('PUBLISH', ARGV[2], cjson.encode({n = ARGV[3], f = {KEYS[1]}}))
+end
+return 1
+""")
+
+# KEYS[1] the value, KEYS[2] its waiter flag. ARGV[1] our marker, ARGV[2] lease ms, ARGV[3]
+# the marker prefix. A value: {bytes, pttl}. Empty (the holder released, or its lease
+# expired): take the lease, nil. Another's marker: raise the waiter flag for as long as that
+# lease lives, and answer its PTTL.
+_WAIT = Script("""
+local v = redis.call('GET', KEYS[1])
+if not v then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return false
+end
+local left = redis.call('PTTL', KEYS[1])
+if string.sub(v, 1, 2) == ARGV[3] then
+  if left < 1 then left = tonumber(ARGV[2]) end
+  redis.call('SET', KEYS[2], '1', 'PX', left)
+  return left
+end
+return {v, left}
 """)
 
 # KEYS[1] the value. ARGV[1] the unreadable bytes found, ARGV[2] new bytes, ARGV[3] ttl ms:
@@ -164,13 +198,36 @@ def peek(key: str) -> RedisOp:
     return RedisOp(("GET", key), _parse_read, more=(("PTTL", key),))
 
 
-def fill(key: str, marker: bytes, data: bytes, ttl_ms: int) -> RedisOp:
-    """Store a load's result if our lease marker is still there; parses to whether it landed."""
-    return RedisOp(("EVALSHA", _FILL.sha, 1, key, marker, data, ttl_ms), bool, _FILL)
+def waiters_key(key: str) -> str:
+    """The flag raised by processes waiting for another's fill of ``key`` (same hash slot)."""
+    return key + ":w"
 
 
-def release(key: str, marker: bytes) -> RedisOp:
-    return RedisOp(("EVALSHA", _RELEASE.sha, 1, key, marker), None, _RELEASE)
+def fill(key: str, marker: bytes, data: bytes, ttl_ms: int, channel: str, node_id: str) -> RedisOp:
+    """Store a load's result if our lease marker is still there (announcing it to waiters);
+    parses to whether it landed."""
+    return RedisOp(
+        ("EVALSHA", _FILL.sha, 2, key, waiters_key(key), marker, data, ttl_ms, channel, node_id), bool, _FILL
+    )
+
+
+def release(key: str, marker: bytes, channel: str, node_id: str) -> RedisOp:
+    return RedisOp(("EVALSHA", _RELEASE.sha, 2, key, waiters_key(key), marker, channel, node_id), None, _RELEASE)
+
+
+def _parse_wait(reply: Any) -> tuple[bytes, int] | bool | int:
+    if reply is None:
+        return True  # the lease is ours now
+    if isinstance(reply, list):
+        return reply[0], int(reply[1])
+    return int(reply)  # another process holds the lease for this many more milliseconds
+
+
+def wait_lease(key: str, marker: bytes, lease_ms: int) -> RedisOp:
+    """Look again at a key another process is loading: parses to ``(bytes, pttl_ms)`` for a
+    value, True when we took the lease (it was released or expired), or the milliseconds the
+    other lease has left (and the waiter flag is raised, so its fill will be announced)."""
+    return RedisOp(("EVALSHA", _WAIT.sha, 2, key, waiters_key(key), marker, lease_ms, LEASE_PREFIX), _parse_wait, _WAIT)
 
 
 def replace(key: str, old: bytes, data: bytes, ttl_ms: int) -> RedisOp:
@@ -220,8 +277,11 @@ def refresh_key(key: str) -> str:
     return key + ":r"
 
 
-def begin_refresh(key: str, token: bytes, lease_ms: int) -> RedisOp:
-    return RedisOp(("SET", refresh_key(key), token, "PX", lease_ms))
+def begin_refresh(key: str, token: bytes, lease_ms: int, exclusive: bool = False) -> RedisOp:
+    """Start a refresh of ``key``: parses to whether its token is set (``exclusive``: only if
+    no other refresh of the key is running, so one process refreshes a hot key ahead of time)."""
+    args: tuple[Any, ...] = ("SET", refresh_key(key), token, "PX", lease_ms)
+    return RedisOp((*args, "NX") if exclusive else args, lambda reply: reply is not None and reply is not False)
 
 
 def finish_refresh(

@@ -8,12 +8,15 @@ decides when to try Redis again.
 
 from __future__ import annotations
 
+import contextvars
+import os
 import random
 import selectors
 import socket
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import redis
@@ -23,7 +26,7 @@ from redis.retry import Retry
 
 from ._coherence import Bus
 from ._flight import Flight
-from ._flow import CALL, Flow, Wait
+from ._flow import CALL, Flow, Spawn, Wait
 from ._metrics import RateLimitedLog
 from ._remote import RedisOp, RemoteFailure, ack, read_seq
 
@@ -73,10 +76,44 @@ class SyncRedis:
         self.pool.disconnect()
 
 
-def wait(flight: Flight) -> None:
+def wait(flight: Flight, timeout: float | None = None) -> None:
     done = threading.Event()
     if flight.add_waiter(done.set):
-        done.wait()
+        done.wait(timeout)
+
+
+_workers: ThreadPoolExecutor | None = None
+_workers_lock = threading.Lock()
+#: Threads that run detached loads (``soft_timeout``/``hard_timeout``) and refreshes ahead
+#: of expiry, shared by every cache of the process. Bounded: functions that hang past their
+#: hard timeout can occupy them all; later loads then queue and their callers time out too.
+BACKGROUND_WORKERS = 32
+
+
+def spawn(step: Spawn, remote: SyncRedis | None, call: Callable[[], Any] | None) -> None:
+    """Run ``step.flow`` on a worker thread, in a copy of the caller's context (contextvars)."""
+    global _workers  # noqa: PLW0603 - created on first use, replaced after a fork
+    if _workers is None:
+        with _workers_lock:
+            if _workers is None:
+                _workers = ThreadPoolExecutor(BACKGROUND_WORKERS, thread_name_prefix="tiercache-load")
+    context = contextvars.copy_context()
+    _workers.submit(context.run, _drive_quietly, step.flow, remote, call)
+
+
+def _drive_quietly(flow: Flow, remote: SyncRedis | None, call: Callable[[], Any] | None) -> None:
+    try:
+        drive(flow, remote, call)
+    except Exception:  # noqa: BLE001, S110 - the flow handed its outcome to its flight already
+        pass
+
+
+def _forget_workers() -> None:
+    global _workers, _workers_lock  # the parent's threads do not exist in a child
+    _workers, _workers_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_workers)
 
 
 def drive(flow: Flow, remote: SyncRedis | None, call: Callable[[], Any] | None) -> Any:
@@ -93,7 +130,9 @@ def drive(flow: Flow, remote: SyncRedis | None, call: Callable[[], Any] | None) 
             if step is CALL:
                 reply = call()  # type: ignore[misc]
             elif type(step) is Wait:
-                wait(step.flight)
+                wait(step.flight, step.timeout)
+            elif type(step) is Spawn:
+                spawn(step, remote, call)
             else:
                 reply = remote.execute(step)  # type: ignore[union-attr]
         except RemoteFailure as failure:  # a reply like any other: the flow settles it

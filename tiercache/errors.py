@@ -7,8 +7,10 @@ The tree::
     ├── KeyEncodingError(TypeError)    an argument cannot be turned into a stable key
     ├── CodecError(ValueError)         a value cannot be serialized (or bytes decoded)
     │   └── ValueTooLargeError         a value is above ``max_value_bytes``
-    └── BackendError                   Redis failed; raised only with ``strict=True``
-                                       (the redis-py error is ``__cause__``)
+    ├── BackendError                   Redis failed; raised only with ``strict=True``
+    │                                  (the redis-py error is ``__cause__``)
+    └── LoadTimeoutError(TimeoutError) a load outlasted ``hard_timeout`` (and no stale
+                                       value was there to serve instead)
 
 Redis exceptions never escape raw: without ``strict`` they are counted and logged and the
 call is answered from L1 or the function.
@@ -21,6 +23,7 @@ __all__ = [
     "CodecError",
     "ConfigError",
     "KeyEncodingError",
+    "LoadTimeoutError",
     "TierCacheError",
     "ValueTooLargeError",
 ]
@@ -53,3 +56,10 @@ class ValueTooLargeError(CodecError):
 
 class BackendError(TierCacheError):
     """Redis failed (down, slow, or answered garbage) and the cache is in strict mode."""
+
+
+class LoadTimeoutError(TierCacheError, TimeoutError):
+    """A decorated function's load ran past its ``hard_timeout`` and no value within
+    ``stale_ttl`` was there to answer with. The load itself is not cached as failed: the next
+    call starts a new one (an async load is cancelled; a sync one cannot be stopped and
+    finishes in its worker thread, storing its result if it still may)."""

@@ -221,7 +221,7 @@ class CacheMachine(RuleBasedStateMachine):
     @invariant()
     def l1_byte_count_is_consistent(self) -> None:
         local = self.cache._core.local
-        assert local.bytes == sum(size for _, _, size in local._data.values())
+        assert local.bytes == sum(entry[2] for entry in local._data.values())
 
     @invariant()
     def stats_add_up(self) -> None:

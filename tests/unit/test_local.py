@@ -158,6 +158,6 @@ def test_byte_count_matches_entries_after_mixed_operations(clock: Clock) -> None
         if i % 5 == 0:
             clock.advance(1)
             local.get(f"k{i % 13}")
-        assert local.bytes == sum(size for _, _, size in local._data.values())
+        assert local.bytes == sum(entry[2] for entry in local._data.values())
         assert len(local) <= 5
         assert local.bytes <= 50
