@@ -26,6 +26,7 @@ from .errors import (
     CodecError,
     ConfigError,
     KeyEncodingError,
+    LoadTimeoutError,
     TierCacheError,
     ValueTooLargeError,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "ConfigError",
     "JsonSerializer",
     "KeyEncodingError",
+    "LoadTimeoutError",
     "MsgpackSerializer",
     "PickleSerializer",
     "Serializer",
