@@ -529,8 +529,11 @@ class Core:
             started = self.clock()
             try:
                 value = yield CALL
-            except Exception:
-                self.counters.load_errors += 1
+            except BaseException as exc:
+                if isinstance(exc, Exception):
+                    self.counters.load_errors += 1
+                if begun is True:  # let the next refresh (maybe in another process) run now
+                    yield from self._quietly(_remote.abandon_refresh(key, token))
                 raise
             policy.record_load_time(self.clock() - started)
             data = self._encode_or_none(key, value)

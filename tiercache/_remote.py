@@ -19,6 +19,7 @@ __all__ = [
     "RedisOp",
     "RemoteFailure",
     "Script",
+    "abandon_refresh",
     "ack",
     "await_ack",
     "begin_refresh",
@@ -275,6 +276,17 @@ return {seq, receivers}
 def refresh_key(key: str) -> str:
     """Where a refresh in progress keeps its token: after the key's hash tag (same slot)."""
     return key + ":r"
+
+
+# KEYS[1] a refresh token. ARGV[1] ours: a refresh that failed gives it back (only its own).
+_END_REFRESH = Script("""
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+""")
+
+
+def abandon_refresh(key: str, token: bytes) -> RedisOp:
+    return RedisOp(("EVALSHA", _END_REFRESH.sha, 1, refresh_key(key), token), None, _END_REFRESH)
 
 
 def begin_refresh(key: str, token: bytes, lease_ms: int, exclusive: bool = False) -> RedisOp:
