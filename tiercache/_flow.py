@@ -484,11 +484,15 @@ class Core:
         key's waiter flag, so the holder's fill or release is announced on the bus and ends
         our wait (``FlightTable.await_fill``; registered before the read, so an announcement
         cannot slip in between). A wait is bounded by what the other lease has left: a holder
-        that died (SIGKILL) costs at most the lease TTL, after which we take the lease. With
+        that died (SIGKILL) costs at most the lease TTL, after which we (or another waiter, whose
+new lease we then wait for, up to twice the lease TTL in all) take the lease. With
         no bus to hear announcements (``coherent=False``, or it is reconnecting) the rounds
         back off from 5 ms to 250 ms instead. Returns what ``fetch`` would have (a value,
         True for our lease, False: load without storing) and when its read was sent."""
-        deadline = self.clock() + self.lease_ms / 1000.0
+        lease = self.lease_ms / 1000.0
+        started = self.clock()
+        deadline = started + lease
+        lease_ends = 0.0
         pause = 0.005
         while True:
             signal = self.flights.await_fill(key)
@@ -499,7 +503,13 @@ class Core:
                 return False, sent_at
             if type(got) is not int:
                 return got, sent_at
-            left = deadline - self.clock()
+            now = self.clock()
+            if now + got / 1000.0 > lease_ends + 0.005:
+                # A new lease (the holder died or failed, and another waiter took over): its
+                # load deserves the same wait, up to twice the lease TTL in all.
+                lease_ends = now + got / 1000.0
+                deadline = min(max(deadline, lease_ends + 0.001), started + 2 * lease)
+            left = deadline - now
             if left <= 0:
                 self.counters.lease_timeouts += 1
                 return False, sent_at
