@@ -125,7 +125,7 @@ class TieredCache:
         _positive("pool_timeout", pool_timeout, allow_zero=True)
         _positive("lease_ttl", lease_ttl)
         _positive("breaker_cooldown", breaker_cooldown)
-        if not isinstance(breaker_threshold, int) or breaker_threshold < 1:
+        if not isinstance(breaker_threshold, int) or isinstance(breaker_threshold, bool) or breaker_threshold < 1:
             raise ConfigError(f"breaker_threshold={breaker_threshold!r} must be an int >= 1")
         if not isinstance(l1_maxsize, int) or l1_maxsize < 0:
             raise ConfigError(f"l1_maxsize={l1_maxsize!r} must be an int >= 0 (0 turns L1 off)")

@@ -429,8 +429,9 @@ def tiered(
         soft_timeout: seconds after which a caller that has a stale value answers with it,
             while the load goes on in the background and stores its result.
         hard_timeout: seconds after which callers stop waiting: the stale value if there is
-            one, else :class:`LoadTimeoutError`. An async load is cancelled; a sync one runs
-            on in its worker thread (Python cannot stop a thread).
+            one, else :class:`LoadTimeoutError`. The lease is given back; an async load is
+            cancelled, a sync one runs on in its worker thread (Python cannot stop a thread)
+            and its late result is dropped.
         refresh_beta: XFetch's beta (1.0 is the paper's default; larger refreshes earlier):
             a hot entry is recomputed in the background, by one caller in one process,
             before it expires, while callers keep getting the current value. 0: off.

@@ -30,7 +30,19 @@ class Flight:
     """One in-flight load (or, detached from the table, one write's watch on a key). It ends
     once; waiters register a callback run (in any thread) when it does."""
 
-    __slots__ = ("_callbacks", "abandoned", "cancel", "dirty", "done", "error", "key", "stale", "value")
+    __slots__ = (
+        "_callbacks",
+        "abandoned",
+        "cancel",
+        "dirty",
+        "done",
+        "error",
+        "key",
+        "marker",
+        "served_stale",
+        "stale",
+        "value",
+    )
 
     def __init__(self, key: str) -> None:
         self.done = False
@@ -45,6 +57,10 @@ class Flight:
         self.stale: Any = MISSING
         #: Stops the load when it runs detached as an asyncio task (set by the driver).
         self.cancel: Callable[[], Any] | None = None
+        #: Our lease marker in Redis while the load holds the key's lease (else empty).
+        self.marker = b""
+        #: The load failed and its waiters were answered with ``stale``.
+        self.served_stale = False
 
     def add_waiter(self, callback: Callable[[], None]) -> bool:
         """Run ``callback`` when this ends; False (and no call) if it has ended already."""

@@ -297,6 +297,7 @@ class Core:
                     return value
                 if now < entry[4] and type(value) is not CachedError:
                     stale = value
+        started = self.clock()  # timeouts count from the call, across retries
         while True:
             flight, leader = self.flights.lead_or_join(key)
             if leader:
@@ -306,7 +307,7 @@ class Core:
                 # With timeouts the load runs detached and this caller waits like any other,
                 # so it can stop waiting (and take the stale value) while the load goes on.
                 yield Spawn(self._lead(flight, key, policy, load), flight)
-            value = yield from self._join(flight, policy, flight.stale if stale is MISSING else stale, load)
+            value = yield from self._join(flight, policy, flight.stale if stale is MISSING else stale, load, started)
             if value is not _RETRY:
                 return value
 
@@ -320,7 +321,11 @@ class Core:
         except Exception as exc:
             self.flights.release(flight)
             if flight.stale is not MISSING and not isinstance(exc, BackendError):
-                self._serve_stale(policy, f"the function raised {type(exc).__name__}: {exc}")
+                why = f"the function raised {type(exc).__name__}: {exc}"
+                self.log.emit("stale", "tiercache: answering %s with a stale value: %s", policy.name, why)
+                if not (load and policy.detached):  # an inline leader is a caller too
+                    self.counters.stale_served += 1
+                flight.served_stale = True
                 flight.finish(flight.stale)
                 return flight.stale
             if policy.cache_errors and isinstance(exc, policy.cache_errors):
@@ -341,12 +346,11 @@ class Core:
                 yield from self._refresh_ahead(key, policy)
         return value
 
-    def _join(self, flight: Flight, policy: Policy, stale: Any, load: bool) -> Flow:
+    def _join(self, flight: Flight, policy: Policy, stale: Any, load: bool, started: float) -> Flow:
         """Wait for another caller's load of the key; _RETRY when it ended without an answer."""
         soft, hard = (policy.soft_timeout, policy.hard_timeout) if load else (None, None)
-        started = self.clock()
         if soft is not None:
-            yield Wait(flight, soft)
+            yield Wait(flight, max(0.0, soft - (self.clock() - started)))
             if not flight.done and stale is not MISSING:
                 self._serve_stale(policy, f"the function ran past soft_timeout={soft} s")
                 return stale
@@ -356,8 +360,11 @@ class Core:
             if not flight.done:
                 self.counters.load_timeouts += 1
                 self.flights.release(flight)  # the next call starts a new load
+                flight.dirty = True  # and the late result, if any, stays out of L1
                 if flight.cancel is not None:
                     flight.cancel()
+                if flight.marker:  # and may take the lease (a late fill is then refused)
+                    yield from self._quietly(_remote.release(flight.key, flight.marker, self.channel, self.node_id))
                 if stale is not MISSING:
                     self._serve_stale(policy, f"the function ran past hard_timeout={hard} s")
                     return stale
@@ -373,6 +380,8 @@ class Core:
             return _RETRY  # we joined a cache.get() (which may not load) that found nothing
         if flight.error is not None:
             raise flight.error
+        if flight.served_stale:
+            self.counters.stale_served += 1
         return flight.value
 
     def _serve_stale(self, policy: Policy, why: str) -> None:
@@ -407,11 +416,36 @@ class Core:
 
     def _load(self, flight: Flight, key: str, policy: Policy, load: bool) -> Flow:
         marker = LEASE_PREFIX + b"%s:%d" % (self._marker_base, next(self._markers)) if load else b""
-        op = _remote.fetch(key, marker, self.lease_ms) if load else _remote.peek(key)
-        sent_at = self.clock()
-        found = self._settle(op, (yield op) if self._allow() else _SKIPPED)
-        if found is False and load:
-            found, sent_at = yield from self._await_other(key, marker)
+        mine = load  # whether our marker may be in the key (unknown until the read's reply)
+        try:
+            op = _remote.fetch(key, marker, self.lease_ms) if load else _remote.peek(key)
+            sent_at = self.clock()
+            found = self._settle(op, (yield op) if self._allow() else _SKIPPED)
+            if found is False and load:
+                found, sent_at = yield from self._await_other(key, marker)
+            mine = found is True
+            if mine:
+                flight.marker = marker  # a hard timeout may give the lease back
+            value, data, ttl_s, sent_at = yield from self._load_rest(flight, key, policy, load, marker, found, sent_at)
+            mine = False
+        except BaseException:
+            # Cancelled (or failed) while our marker may be in the key: give it back now rather
+            # than leave this and every other process waiting for its lease TTL. The script
+            # deletes only our own marker, so this is safe whatever the key holds.
+            if mine:
+                yield from self._quietly(_remote.release(key, marker, self.channel, self.node_id))
+            raise
+        if data is not None:
+            # invariant 2: fill() keeps a load overtaken by an invalidation out of L1. The Redis
+            # copy's TTL started after sent_at, so L1's, counted from sent_at, ends no later.
+            self._fill(flight, value, len(data), policy, sent_at, ttl_s)
+        return value
+
+    def _load_rest(
+        self, flight: Flight, key: str, policy: Policy, load: bool, marker: bytes, found: Any, sent_at: float
+    ) -> Flow:
+        """After the read: decode a hit, or call the function and store its result. Returns
+        ``(value, bytes to put in L1 or None, ttl, sent_at)``."""
         unreadable: bytes | None = None
         if isinstance(found, tuple):
             data, pttl = found
@@ -428,30 +462,23 @@ class Core:
                 # the moment we sent it (not from now, after the reply and decoding) errs early.
                 # PTTL -1: no expiry; -2: the key expired between the two pipelined commands.
                 remaining = pttl / 1000.0 if pttl >= 0 else float("inf") if pttl == -1 else 0.0
-                self._fill(flight, value, len(data), policy, sent_at, remaining)
-                return value
+                return value, data, remaining, sent_at
         self.counters.misses += 1
         if not load:
-            return MISSING
+            return MISSING, None, 0.0, sent_at
         self.counters.loads += 1
         started = self.clock()
         try:
             value = yield CALL
         except Exception:
             self.counters.load_errors += 1
-            if found is True:  # hand the key back now (waking waiters) rather than after the lease TTL
-                yield from self._quietly(_remote.release(key, marker, self.channel, self.node_id))
-            raise
-        except BaseException:
-            if found is True:
-                yield from self._quietly(_remote.release(key, marker, self.channel, self.node_id))
             raise
         policy.record_load_time(self.clock() - started)
         data = self._encode_or_none(key, value)
         if data is None:
             if found is True:
                 yield from self._quietly(_remote.release(key, marker, self.channel, self.node_id))
-            return value
+            return value, None, 0.0, sent_at
         ttl_s = policy.l2_ttl()
         sent_at = self.clock()
         if found is True:
@@ -460,15 +487,12 @@ class Core:
             # decides: a local flush on resubscribe says nothing about Redis.
             op = _remote.fill(key, marker, data, _ms(ttl_s), self.channel, self.node_id)
             if self._settle(op, (yield op) if self._allow() else _SKIPPED) is False:
-                return value  # refused: the key was written since our miss, so this is stale
+                return value, None, 0.0, sent_at  # refused: the key was written since our miss
         elif unreadable is not None:
             # Replace the unreadable bytes, unless someone wrote the key meanwhile.
             op = _remote.replace(key, unreadable, data, _ms(ttl_s))
             self._settle(op, (yield op) if self._allow() else _SKIPPED)
-        # invariant 2: fill() keeps a load overtaken by an invalidation out of L1. The Redis
-        # copy's TTL started after sent_at, so L1's, counted from sent_at, ends no later.
-        self._fill(flight, value, len(data), policy, sent_at, ttl_s)
-        return value
+        return value, data, ttl_s, sent_at
 
     def _fill(self, flight: Flight, value: Any, size: int, policy: Policy, sent_at: float, left: float) -> None:
         """Into L1 (unless overtaken), for at most the ``left`` seconds Redis keeps it from ``sent_at``."""
@@ -480,15 +504,15 @@ class Core:
     def _await_other(self, key: str, marker: bytes) -> Flow:
         """Another process holds the key's lease: wait for its fill instead of loading too.
 
-        Each round reads the key again in one script (``wait_lease``) that also raises the
-        key's waiter flag, so the holder's fill or release is announced on the bus and ends
-        our wait (``FlightTable.await_fill``; registered before the read, so an announcement
-        cannot slip in between). A wait is bounded by what the other lease has left: a holder
-        that died (SIGKILL) costs at most the lease TTL, after which we (or another waiter, whose
-new lease we then wait for, up to twice the lease TTL in all) take the lease. With
-        no bus to hear announcements (``coherent=False``, or it is reconnecting) the rounds
-        back off from 5 ms to 250 ms instead. Returns what ``fetch`` would have (a value,
-        True for our lease, False: load without storing) and when its read was sent."""
+                Each round reads the key again in one script (``wait_lease``) that also raises the
+                key's waiter flag, so the holder's fill or release is announced on the bus and ends
+                our wait (``FlightTable.await_fill``; registered before the read, so an announcement
+                cannot slip in between). A wait is bounded by what the other lease has left: a holder
+                that died (SIGKILL) costs at most the lease TTL, after which we (or another waiter, whose
+        new lease we then wait for, up to twice the lease TTL in all) take the lease. With
+                no bus to hear announcements (``coherent=False``, or it is reconnecting) the rounds
+                back off from 5 ms to 250 ms instead. Returns what ``fetch`` would have (a value,
+                True for our lease, False: load without storing) and when its read was sent."""
         lease = self.lease_ms / 1000.0
         started = self.clock()
         deadline = started + lease

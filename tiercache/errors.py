@@ -62,4 +62,4 @@ class LoadTimeoutError(TierCacheError, TimeoutError):
     """A decorated function's load ran past its ``hard_timeout`` and no value within
     ``stale_ttl`` was there to answer with. The load itself is not cached as failed: the next
     call starts a new one (an async load is cancelled; a sync one cannot be stopped and
-    finishes in its worker thread, storing its result if it still may)."""
+    finishes in its worker thread, its result dropped)."""

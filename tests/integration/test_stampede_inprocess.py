@@ -1,0 +1,778 @@
+"""Stampede protection in one process against a real redis-server: single-flight of 1,000
+callers, cancelled and failing leaders, hard and soft timeouts, stale values, refresh ahead of
+expiry, TTL jitter in Redis, negative caching, and the circuit breaker with the server down.
+
+Scenarios with callers run through the sync driver (threads) and the async driver (tasks) via
+``mode``. Redis expiry is stood in for by deleting the key behind the cache's back (no
+invalidation is published) while an injected clock moves L1 past its TTLs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import pytest
+import redis
+from integration_helpers import ready
+
+from tiercache import MISSING, LoadTimeoutError, TieredCache, tiered
+from tiercache._async import AsyncRedis
+from tiercache._flight import Flight
+
+pytestmark = pytest.mark.redis
+
+WAIT = 5.0  # seconds any test waits for another thread or task before failing (never reached when green)
+N = 8
+HARD = 0.2
+SOFT = 0.05
+SLACK = 1.5  # how much later than its timeout a released caller may return (a slow CI machine)
+EVERY_CALL = range(1, 10_000)  # Loader(held=...): every call is held at the gate
+
+
+class Clock:
+    """Real monotonic time plus an offset the test moves forward (L1 TTLs jumped over, timeouts real)."""
+
+    def __init__(self) -> None:
+        self.offset = 10_000.0
+
+    def __call__(self) -> float:
+        return time.monotonic() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+
+
+class Gate:
+    """Holds a sync or async function until the test opens it (opened at teardown in any case)."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def open(self) -> None:
+        self.event.set()
+
+    def block(self) -> None:
+        assert self.event.wait(WAIT), "the gate was never opened"
+
+    async def ablock(self) -> None:
+        deadline = time.monotonic() + WAIT
+        while not self.event.is_set():
+            assert time.monotonic() < deadline, "the gate was never opened"
+            await asyncio.sleep(0.002)
+
+
+class Joined:
+    """Counts callers that wait on a flight instead of loading (``Flight.add_waiter`` calls)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._cond = threading.Condition()
+
+    def bump(self) -> None:
+        with self._cond:
+            self.count += 1
+            self._cond.notify_all()
+
+    def block(self, n: int) -> None:
+        with self._cond:
+            assert self._cond.wait_for(lambda: self.count >= n, WAIT), f"{self.count} of {n} callers joined"
+
+    async def ablock(self, n: int) -> None:
+        deadline = time.monotonic() + WAIT
+        while self.count < n:
+            assert time.monotonic() < deadline, f"{self.count} of {n} callers joined"
+            await asyncio.sleep(0)
+
+
+class Loader:
+    """A decorated function's body whose calls play ``outcomes`` in order (the last repeats): a
+    value is returned, an exception raised. Call number ``n`` (from 1) is first held at
+    ``gate`` when ``n`` is in ``held``; ``before``/``abefore`` run first in every call. In
+    async mode it records whether it was cancelled."""
+
+    def __init__(self, mode: Any, *outcomes: Any, gate: Gate | None = None, held: Sequence[int] = ()) -> None:
+        self.mode = mode
+        self.outcomes = list(outcomes)
+        self.gate = gate
+        self.held = held
+        self.calls = 0
+        self.cancelled = threading.Event()
+        self.returned = threading.Event()
+        self.before: Callable[[int], Any] | None = None  # sync hook run first (sync mode)
+        self.abefore: Callable[[int], Any] | None = None  # async hook awaited first (async mode)
+        self._lock = threading.Lock()
+
+    def _take(self) -> tuple[int, Any]:
+        with self._lock:
+            self.calls += 1
+            return self.calls, self.outcomes[min(self.calls, len(self.outcomes)) - 1]
+
+    def fn(self) -> Callable[..., Any]:
+        if self.mode.is_async:
+
+            async def aload(x: int) -> Any:
+                n, outcome = self._take()
+                try:
+                    if self.abefore is not None:
+                        await self.abefore(n)
+                    if n in self.held and self.gate is not None:
+                        await self.gate.ablock()
+                except asyncio.CancelledError:
+                    self.cancelled.set()
+                    raise
+                if n in self.held:
+                    self.returned.set()
+                if isinstance(outcome, BaseException):
+                    raise outcome
+                return outcome
+
+            return aload
+
+        def load(x: int) -> Any:
+            n, outcome = self._take()
+            if self.before is not None:
+                self.before(n)
+            if n in self.held and self.gate is not None:
+                self.gate.block()
+                self.returned.set()
+            if isinstance(outcome, BaseException):
+                raise outcome
+            return outcome
+
+        return load
+
+
+class Boom(Exception):
+    pass
+
+
+def crowd(mode: Any, n: int, call: Callable[[], Any]) -> tuple[list[Any], float]:
+    """``n`` concurrent ``call()``s (threads, or tasks in async mode): results or exceptions,
+    and the seconds until the last returned."""
+    started = time.monotonic()
+    if mode.is_async:
+
+        async def gather() -> list[Any]:
+            return await asyncio.wait_for(asyncio.gather(*(call() for _ in range(n)), return_exceptions=True), WAIT)
+
+        results: list[Any] = mode.run(gather())
+        return results, time.monotonic() - started
+    results = [None] * n
+    go = threading.Event()
+
+    def run(i: int) -> None:
+        go.wait()
+        try:
+            results[i] = call()
+        except BaseException as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    started = time.monotonic()
+    go.set()
+    for t in threads:
+        t.join(WAIT)
+    assert not any(t.is_alive() for t in threads), "a caller is still waiting"
+    return results, time.monotonic() - started
+
+
+def eventually(mode: Any, predicate: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
+    """Wait until ``predicate()`` holds, running the test's event loop in async mode (where
+    background loads and refreshes are tasks)."""
+
+    async def apoll() -> bool:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.002)
+        return True
+
+    if mode.is_async:
+        ok = mode.run(apoll())
+    else:
+        deadline = time.monotonic() + timeout
+        while not (ok := predicate()) and time.monotonic() < deadline:
+            time.sleep(0.002)
+    if not ok:
+        pytest.fail(f"timed out waiting for {what}")
+
+
+class AsyncOnly:
+    """What Loader needs of ``mode`` for scenarios that exist only in asyncio."""
+
+    is_async = True
+
+
+async def until(predicate: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        await asyncio.sleep(0.001)
+
+
+def stored(cache: TieredCache, raw: redis.Redis, key: str) -> Any:
+    """The value Redis holds under ``key`` (None when empty; raises on a lease marker)."""
+    data = raw.get(key)
+    return None if data is None else cache._core.codec.decode(key, data)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def gate() -> Iterator[Gate]:
+    g = Gate()
+    yield g
+    g.open()
+
+
+@pytest.fixture
+def joined(monkeypatch: pytest.MonkeyPatch) -> Joined:
+    j = Joined()
+    original = Flight.add_waiter
+
+    def add_waiter(self: Flight, callback: Callable[[], None]) -> bool:
+        j.bump()
+        return original(self, callback)
+
+    monkeypatch.setattr(Flight, "add_waiter", add_waiter)
+    return j
+
+
+@pytest.fixture
+def async_cache(redis_server: Any, namespace: str) -> Iterator[Callable[..., TieredCache]]:
+    """For scenarios that exist only in asyncio (each runs its own ``asyncio.run``): caches on
+    the session server, subscribed, closed at teardown."""
+    made: list[TieredCache] = []
+
+    def make(**kwargs: Any) -> TieredCache:
+        kwargs.setdefault("namespace", namespace)
+        cache = ready(TieredCache(redis_server.url, **kwargs))
+        made.append(cache)
+        return cache
+
+    yield make
+    for cache in made:
+        cache.close()
+
+
+# -- 1. a thousand callers, one call ------------------------------------------------------------
+
+
+def test_thousand_concurrent_callers_call_the_function_once(
+    mode: Any, make_cache: Callable[..., TieredCache], raw: redis.Redis, joined: Joined
+) -> None:
+    """1,000 threads (sync) or tasks (async) miss one cold key together; the function holds its
+    load until the other 999 are provably waiting for it, so they all overlap. It is called
+    once, every caller gets its value, Redis holds it, and the in-flight table is empty."""
+    cache = make_cache()
+    callers = 1000
+    calls: list[int] = []
+
+    if mode.is_async:
+
+        @tiered(cache)
+        async def report(day: int) -> dict[str, int]:
+            calls.append(day)
+            await joined.ablock(callers - 1)
+            return {"day": day, "rows": 42}
+
+    else:
+
+        @tiered(cache)
+        def report(day: int) -> dict[str, int]:
+            calls.append(day)
+            joined.block(callers - 1)
+            return {"day": day, "rows": 42}
+
+    results, _ = crowd(mode, callers, lambda: report(7))
+    assert calls == [7]
+    assert results == [{"day": 7, "rows": 42}] * callers
+    stats = cache.stats()
+    assert stats.in_flight == 0
+    assert stats.loads == 1
+    assert stats.misses == 1
+    # They waited in this process, not on the leader's lease in Redis (one round trip in all).
+    assert stats.lease_waits == 0
+    assert stats.l2_hits == 0
+    assert stored(cache, raw, report.key(7)) == {"day": 7, "rows": 42}
+    assert mode.call(report, 7) == {"day": 7, "rows": 42}
+    assert calls == [7]
+
+
+# -- 2. a cancelled leader ----------------------------------------------------------------------
+
+
+def test_cancelled_async_leader_hands_over_and_gives_its_lease_back(
+    async_cache: Callable[..., TieredCache], raw: redis.Redis, joined: Joined, gate: Gate
+) -> None:
+    """The task leading a load is cancelled mid-call: its lease in Redis is given back, one
+    waiter takes the load over at once (not after ``lease_ttl``), and every waiter gets the
+    value, which Redis then holds."""
+    cache = async_cache(lease_ttl=3.0)
+    loader = Loader(AsyncOnly(), "never returned", "taken over", gate=gate, held=(1,))
+    f = tiered(cache)(loader.fn())
+    key = f.key(1)
+
+    async def scenario() -> float:
+        leader = asyncio.ensure_future(f(1))
+        await until(lambda: loader.calls == 1, "the leader to call the function")
+        assert raw.get(key) is not None  # the leader's lease marker
+        waiters = [asyncio.ensure_future(f(1)) for _ in range(N)]
+        await joined.ablock(N)
+        cancelled_at = time.monotonic()
+        leader.cancel()
+        assert await asyncio.wait_for(asyncio.gather(*waiters), WAIT) == ["taken over"] * N
+        took = time.monotonic() - cancelled_at
+        with pytest.raises(asyncio.CancelledError):
+            await leader
+        await cache.aclose()
+        return took
+
+    took = asyncio.run(scenario())
+    assert took < 1.0, f"the waiters were answered {took:.2f} s after the leader was cancelled"
+    assert loader.cancelled.is_set()
+    assert loader.calls == 2
+    stats = cache.stats()
+    assert stats.in_flight == 0
+    assert stats.lease_waits == 0
+    assert stored(cache, raw, key) == "taken over"
+
+
+def test_leader_cancelled_before_its_lease_reply_does_not_stall_waiters(
+    async_cache: Callable[..., TieredCache], raw: redis.Redis, joined: Joined, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The leader's read took the lease in Redis (``SET NX ... GET``) but the task is cancelled
+    before the reply arrives (a slow network). Its lease marker must not be left behind for the
+    waiters of this very process to wait on until ``lease_ttl`` runs out: one of them takes
+    the load over at once."""
+    cache = async_cache(lease_ttl=2.0)
+    replied = threading.Event()
+    original = AsyncRedis.execute
+
+    async def slow_first_read(self: AsyncRedis, op: Any) -> Any:
+        reply = await original(self, op)
+        if op.args[0] == "SET" and not replied.is_set():
+            replied.set()
+            await asyncio.sleep(3600)  # the reply is still on its way when the task is cancelled
+        return reply
+
+    monkeypatch.setattr(AsyncRedis, "execute", slow_first_read)
+    loader = Loader(AsyncOnly(), "loaded")
+    f = tiered(cache)(loader.fn())
+    key = f.key(1)
+
+    async def scenario() -> float:
+        leader = asyncio.ensure_future(f(1))
+        await until(replied.is_set, "the leader's read to reach Redis")
+        assert raw.get(key) is not None  # Redis ran the SET: the lease marker is there
+        waiters = [asyncio.ensure_future(f(1)) for _ in range(N)]
+        await joined.ablock(N)
+        cancelled_at = time.monotonic()
+        leader.cancel()
+        results = await asyncio.wait_for(asyncio.gather(*waiters), WAIT)
+        took = time.monotonic() - cancelled_at
+        assert results == ["loaded"] * N
+        with pytest.raises(asyncio.CancelledError):
+            await leader
+        await cache.aclose()
+        return took
+
+    took = asyncio.run(scenario())
+    assert took < 1.0, (
+        f"the waiters were answered {took:.2f} s after the leader was cancelled: they waited for "
+        f"the cancelled leader's own lease marker to expire (lease_ttl=2.0)"
+    )
+    assert loader.calls == 1
+    assert cache.stats().in_flight == 0
+
+
+# -- 3. a raising function ----------------------------------------------------------------------
+
+
+def test_raising_function_gives_every_waiter_its_exception_and_caches_nothing(
+    mode: Any, make_cache: Callable[..., TieredCache], raw: redis.Redis, joined: Joined
+) -> None:
+    """Every concurrent caller gets the leader's exception object; nothing is cached, in L1 or
+    Redis (the lease is given back: another cache loads at once); the next call calls again."""
+    cache = make_cache()
+    error = Boom("database unavailable")
+    loader = Loader(mode, error, "recovered")
+    if mode.is_async:
+        loader.abefore = lambda n: joined.ablock(N - 1) if n == 1 else asyncio.sleep(0)
+    else:
+        loader.before = lambda n: joined.block(N - 1) if n == 1 else None
+    f = tiered(cache, name="raising")(loader.fn())
+    key = f.key(1)
+    results, _ = crowd(mode, N, lambda: f(1))
+    assert all(r is error for r in results), results
+    assert loader.calls == 1
+    stats = cache.stats()
+    assert stats.in_flight == 0
+    assert stats.load_errors == 1
+    assert stats.lease_waits == 0
+    assert stats.l1_size == 0
+    assert raw.get(key) is None  # no value and no lease marker left behind
+    other = make_cache()
+    g = tiered(other, name="raising")(Loader(mode, "from the other cache").fn())
+    started = time.monotonic()
+    assert mode.call(g, 1) == "from the other cache"
+    assert time.monotonic() - started < 1.0
+    assert other.stats().lease_waits == 0
+    mode.call(f.invalidate, 1)
+    assert mode.call(f, 1) == "recovered"
+    assert loader.calls == 2
+
+
+# -- 4. hard timeout ----------------------------------------------------------------------------
+
+
+def test_hard_timeout_releases_waiters_with_load_timeout_error(
+    mode: Any, make_cache: Callable[..., TieredCache], raw: redis.Redis, gate: Gate
+) -> None:
+    """A hanging load releases all its callers at ``hard_timeout`` with LoadTimeoutError, and
+    its lease is given back, so the next call (in any process) loads at once. In async mode the
+    load is cancelled; in sync mode it runs on in its worker thread, and when it returns its
+    result is stored nowhere (its lease is gone, and it stays out of L1)."""
+    cache = make_cache()
+    loader = Loader(mode, "late", gate=gate, held=EVERY_CALL)
+    f = tiered(cache, hard_timeout=HARD)(loader.fn())
+    key = f.key(1)
+    results, elapsed = crowd(mode, N, lambda: f(1))
+    assert all(isinstance(r, LoadTimeoutError) for r in results), results
+    assert HARD <= elapsed < HARD + SLACK
+    assert cache.stats().load_timeouts == N
+    assert cache.stats().in_flight == 0
+    if mode.is_async:
+        # (A waiter whose deadline had not quite come when another's timeout cancelled the load
+        # may have started another: see the unit test test_hard_timeout_bounds_every_callers_wait.)
+        eventually(mode, loader.cancelled.is_set, "the hanging load to be cancelled")
+        eventually(mode, lambda: raw.get(key) is None, "the cancelled load's lease to be given back")
+        hung = loader.calls
+        loader.held, loader.outcomes = (), ["fresh"]  # from now on the function answers at once
+        assert mode.call(f, 1) == "fresh"
+        assert loader.calls == hung + 1
+        assert stored(cache, raw, key) == "fresh"
+    else:
+        assert loader.calls == 1
+        eventually(mode, lambda: raw.get(key) is None, "the timed-out load's lease to be given back")
+        gate.open()
+        assert loader.returned.wait(WAIT)
+        assert raw.get(key) is None, "the late result of a timed-out load was stored"
+        assert cache._core.local.get(key) is MISSING, "the late result of a timed-out load entered L1"
+        loader.held, loader.outcomes = (), ["fresh"]
+        assert mode.call(f, 1) == "fresh"
+        assert loader.calls == 2
+
+
+def test_hard_timeout_serves_the_stale_value(
+    mode: Any, make_cache: Callable[..., TieredCache], raw: redis.Redis, clock: Clock, gate: Gate
+) -> None:
+    """With a previous value within ``stale_ttl``, callers released by the hard timeout get it."""
+    cache = make_cache(clock=clock)
+    loader = Loader(mode, "v1", "v2", gate=gate, held=EVERY_CALL[1:])
+    f = tiered(cache, ttl=30, stale_ttl=600, hard_timeout=HARD)(loader.fn())
+    assert mode.call(f, 1) == "v1"
+    clock.advance(31)
+    raw.delete(f.key(1))  # expired in Redis too
+    results, elapsed = crowd(mode, N, lambda: f(1))
+    assert results == ["v1"] * N
+    assert HARD <= elapsed < HARD + SLACK
+    assert loader.calls == 2 or (mode.is_async and loader.calls >= 2)
+    stats = cache.stats()
+    assert stats.stale_served == N
+    assert stats.load_timeouts == N
+    assert stats.in_flight == 0
+
+
+# -- 5. soft timeout ----------------------------------------------------------------------------
+
+
+def test_soft_timeout_serves_stale_and_the_load_lands_in_l1_and_redis(
+    mode: Any, make_cache: Callable[..., TieredCache], raw: redis.Redis, clock: Clock, gate: Gate
+) -> None:
+    """With a stale value, a caller gets it after about ``soft_timeout``; the load goes on in
+    the background and its result lands in Redis and L1."""
+    cache = make_cache(clock=clock)
+    loader = Loader(mode, "v1", "v2", gate=gate, held=(2,))
+    f = tiered(cache, ttl=30, stale_ttl=600, soft_timeout=SOFT, hard_timeout=WAIT)(loader.fn())
+    key = f.key(1)
+    assert mode.call(f, 1) == "v1"
+    clock.advance(31)
+    raw.delete(key)
+    results, elapsed = crowd(mode, 3, lambda: f(1))
+    assert results == ["v1"] * 3
+    assert SOFT <= elapsed < SOFT + SLACK
+    assert cache.stats().stale_served == 3
+    assert loader.calls == 2
+    gate.open()
+    eventually(mode, lambda: cache._core.local.get(key) == "v2", "the background load to land in L1")
+    assert stored(cache, raw, key) == "v2"
+    assert mode.call(f, 1) == "v2"
+    assert loader.calls == 2
+    stats = cache.stats()
+    assert stats.in_flight == 0
+    assert stats.load_timeouts == 0
+
+
+def test_soft_timeout_without_stale_waits_for_the_load(
+    mode: Any, make_cache: Callable[..., TieredCache], raw: redis.Redis
+) -> None:
+    """Without a stale value callers wait past ``soft_timeout`` for the load (up to ``hard``)."""
+    cache = make_cache()
+    loader = Loader(mode, "slow value")
+    if mode.is_async:
+        loader.abefore = lambda n: asyncio.sleep(4 * SOFT)
+    else:
+        loader.before = lambda n: time.sleep(4 * SOFT)
+    f = tiered(cache, soft_timeout=SOFT, hard_timeout=WAIT)(loader.fn())
+    results, elapsed = crowd(mode, 3, lambda: f(1))
+    assert results == ["slow value"] * 3
+    assert elapsed >= 4 * SOFT
+    assert loader.calls == 1
+    assert cache.stats().stale_served == 0
+    assert cache.stats().load_timeouts == 0
+    assert stored(cache, raw, f.key(1)) == "slow value"
+
+
+# -- 6. stale values and invalidation -----------------------------------------------------------
+
+
+def test_stale_value_served_on_error_and_never_after_invalidation(
+    mode: Any, make_cache: Callable[..., TieredCache], raw: redis.Redis, clock: Clock
+) -> None:
+    """After expiry a raising function is answered with the stale value (counted); after
+    ``f.invalidate(x)`` the error propagates."""
+    cache = make_cache(clock=clock)
+    loader = Loader(mode, "v1", Boom("down"))
+    f = tiered(cache, ttl=30, stale_ttl=600)(loader.fn())
+    key = f.key(1)
+    assert mode.call(f, 1) == "v1"
+    clock.advance(31)
+    raw.delete(key)
+    assert mode.call(f, 1) == "v1"
+    assert cache.stats().stale_served == 1
+    assert raw.get(key) is None  # the failed load gave its lease back
+    mode.call(f.invalidate, 1)
+    with pytest.raises(Boom):
+        mode.call(f, 1)
+    assert cache.stats().stale_served == 1
+
+
+def test_invalidation_by_another_cache_removes_the_stale_copy(
+    mode: Any, make_cache: Callable[..., TieredCache], raw: redis.Redis, clock: Clock
+) -> None:
+    """An invalidation from another process (heard on the bus) drops the stale copy as well."""
+    cache = make_cache(clock=clock)
+    other = make_cache()
+    loader = Loader(mode, "v1", Boom("down"))
+    f = tiered(cache, ttl=30, stale_ttl=600, name="priced")(loader.fn())
+    key = f.key(1)
+    assert mode.call(f, 1) == "v1"
+    clock.advance(31)
+    raw.delete(key)
+    result = other.invalidate(key, wait=True, timeout=WAIT)
+    assert result.complete
+    with pytest.raises(Boom):
+        mode.call(f, 1)
+    assert cache.stats().stale_served == 0
+
+
+def test_without_stale_ttl_the_error_propagates(
+    mode: Any, make_cache: Callable[..., TieredCache], raw: redis.Redis, clock: Clock
+) -> None:
+    cache = make_cache(clock=clock)
+    loader = Loader(mode, "v1", Boom("down"))
+    f = tiered(cache, ttl=30)(loader.fn())
+    assert mode.call(f, 1) == "v1"
+    clock.advance(31)
+    raw.delete(f.key(1))
+    with pytest.raises(Boom):
+        mode.call(f, 1)
+    assert cache.stats().stale_served == 0
+
+
+# -- 7. refresh ahead ---------------------------------------------------------------------------
+
+
+def test_refresh_after_one_background_refresh_for_many_callers(
+    mode: Any, make_cache: Callable[..., TieredCache], raw: redis.Redis, clock: Clock, gate: Gate
+) -> None:
+    """Past ``refresh_after``, N concurrent callers get the current value without waiting (the
+    refresh is held at a gate) and exactly one refresh runs; it lands in Redis and L1 and the
+    new value is served."""
+    cache = make_cache(clock=clock)
+    loader = Loader(mode, "v1", "v2", gate=gate, held=(2,))
+    f = tiered(cache, ttl=60, refresh_after=30)(loader.fn())
+    key = f.key(1)
+    assert mode.call(f, 1) == "v1"
+    clock.advance(31)
+    results, elapsed = crowd(mode, N, lambda: f(1))
+    assert results == ["v1"] * N
+    assert elapsed < SLACK
+    eventually(mode, lambda: loader.calls == 2, "the background refresh to call the function")
+    assert cache.stats().refreshes_ahead == 1
+    gate.open()
+    eventually(mode, lambda: cache._core.local.get(key) == "v2", "the refresh to land in L1")
+    assert stored(cache, raw, key) == "v2"
+    eventually(mode, lambda: cache.stats().in_flight == 0, "the refresh to end")
+    assert mode.call(f, 1) == "v2"
+    assert loader.calls == 2
+    assert cache.stats().refreshes_ahead == 1
+    assert 25_000 < raw.pttl(key) <= 60_000
+
+
+def test_refresh_ahead_runs_in_one_cache_of_two(
+    mode: Any, make_cache: Callable[..., TieredCache], raw: redis.Redis, clock: Clock, gate: Gate
+) -> None:
+    """Two caches (processes) due for a refresh of one key at once: the second finds the
+    first's refresh token and does not call the function; the first's result reaches both."""
+    first = make_cache(clock=clock)
+    second = make_cache(clock=clock)
+    loaders = [Loader(mode, "v1", "v2", gate=gate, held=(2,)), Loader(mode, "second's")]
+    f1 = tiered(first, ttl=60, refresh_after=30, name="shared")(loaders[0].fn())
+    f2 = tiered(second, ttl=60, refresh_after=30, name="shared")(loaders[1].fn())
+    key = f1.key(1)
+    assert mode.call(f1, 1) == "v1"
+    assert mode.call(f2, 1) == "v1"  # from Redis
+    assert loaders[1].calls == 0
+    clock.advance(31)
+    assert mode.call(f1, 1) == "v1"
+    eventually(mode, lambda: loaders[0].calls == 2, "the first cache's refresh to start")
+    assert mode.call(f2, 1) == "v1"
+    eventually(mode, lambda: second.stats().in_flight == 0, "the second cache's refresh attempt to end")
+    assert loaders[1].calls == 0
+    gate.open()
+    eventually(mode, lambda: stored(first, raw, key) == "v2", "the refresh to land in Redis")
+    eventually(mode, lambda: second._core.local.entry(key) is None, "the second cache to drop its copy")
+    assert mode.call(f2, 1) == "v2"
+    assert loaders[1].calls == 0
+    assert loaders[0].calls == 2
+
+
+# -- 8. TTL jitter ------------------------------------------------------------------------------
+
+
+def test_ttl_jitter_spreads_redis_ttls_within_bounds(
+    mode: Any, make_cache: Callable[..., TieredCache], raw: redis.Redis
+) -> None:
+    """Each fill's PTTL lies in [ttl*(1-j), ttl], and 50 fills do not all get the same one."""
+    cache = make_cache()
+    f = tiered(cache, ttl=100, ttl_jitter=0.2)(Loader(mode, "v").fn())
+    for i in range(50):
+        mode.call(f, i)
+    pttls = [raw.pttl(f.key(i)) for i in range(50)]
+    assert all(80_000 - 1_000 <= p <= 100_000 for p in pttls), pttls
+    assert len(set(pttls)) > 25, pttls
+    assert max(pttls) - min(pttls) > 5_000, pttls
+    lefts = [cache._core.local.ttl_left(f.key(i)) for i in range(50)]  # L1 follows, capped by l1_ttl
+    assert all(left is not None and left <= 60 for left in lefts)
+
+
+# -- 9. negative caching ------------------------------------------------------------------------
+
+
+def test_cached_errors_are_per_process(mode: Any, make_cache: Callable[..., TieredCache], raw: redis.Redis) -> None:
+    """A listed exception is raised again from this process's L1 for ``error_ttl`` (the function
+    is not called), other exceptions are not cached, and another cache on the same Redis
+    calls the function itself (nothing in Redis, no lease left)."""
+    cache = make_cache()
+    other = make_cache()
+    loader = Loader(mode, KeyError("user 404"))
+    f = tiered(cache, cache_errors=(KeyError,), error_ttl=30, name="user")(loader.fn())
+    for _ in range(3):
+        with pytest.raises(KeyError):
+            mode.call(f, 404)
+    assert loader.calls == 1
+    assert cache.stats().errors_cached == 1
+    assert raw.get(f.key(404)) is None
+    other_loader = Loader(mode, KeyError("user 404"))
+    g = tiered(other, cache_errors=(KeyError,), error_ttl=30, name="user")(other_loader.fn())
+    started = time.monotonic()
+    with pytest.raises(KeyError):
+        mode.call(g, 404)
+    assert time.monotonic() - started < 1.0
+    assert other_loader.calls == 1
+    uncached = Loader(mode, ValueError("bad"))
+    h = tiered(cache, cache_errors=(KeyError,), name="other")(uncached.fn())
+    for _ in range(2):
+        with pytest.raises(ValueError, match="bad"):
+            mode.call(h, 1)
+    assert uncached.calls == 2
+    assert cache.stats().errors_cached == 1
+
+
+# -- 10. the circuit breaker --------------------------------------------------------------------
+
+
+class ManualClock:
+    def __init__(self) -> None:
+        self.now = 500.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_breaker_opens_with_redis_down_and_closes_after_a_probe(
+    mode: Any, own_redis: Any, own_raw: redis.Redis, namespace: str
+) -> None:
+    """With the server killed, ``breaker_threshold`` failed calls open the breaker; while open,
+    calls skip Redis (no more failures counted, answered fast by the function); once the
+    cooldown passes and the server is back, one probe closes it and values reach Redis again."""
+    clock = ManualClock()
+    cache = TieredCache(
+        own_redis.url,
+        namespace=namespace,
+        coherent=False,
+        breaker_threshold=3,
+        breaker_cooldown=5.0,
+        socket_timeout=0.25,
+        connect_timeout=0.25,
+        clock=clock,
+    )
+    try:
+        loader = Loader(mode, "answer")
+        f = tiered(cache)(loader.fn())
+        assert mode.call(f, 0) == "answer"
+        assert own_raw.get(f.key(0)) is not None
+        own_redis.kill()
+        for i in range(1, 4):
+            assert mode.call(f, i) == "answer"
+        assert cache.stats().backend_errors == 3
+        assert cache._core.breaker.is_open
+        started = time.monotonic()
+        for i in range(4, 54):
+            assert mode.call(f, i) == "answer"
+        assert time.monotonic() - started < 0.5  # no connects, no timeouts
+        assert cache.stats().backend_errors == 3
+        clock.now += 5.0  # one probe, which fails: open for another cooldown
+        assert mode.call(f, 54) == "answer"
+        assert cache.stats().backend_errors == 4
+        assert mode.call(f, 55) == "answer"
+        assert cache.stats().backend_errors == 4
+        own_redis.start()
+        assert mode.call(f, 56) == "answer"
+        assert own_raw.get(f.key(56)) is None  # still open
+        clock.now += 5.0
+        assert mode.call(f, 57) == "answer"  # the probe succeeds
+        assert not cache._core.breaker.is_open
+        assert mode.call(f, 58) == "answer"
+        assert own_raw.get(f.key(57)) is not None
+        assert own_raw.get(f.key(58)) is not None
+        assert cache.stats().backend_errors == 4
+        assert loader.calls == 59
+    finally:
+        if mode.is_async:
+            mode.run(cache.aclose())
+        else:
+            cache.close()
