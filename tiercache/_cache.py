@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import inspect
 import logging
 import math
 import os
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any
 
@@ -22,8 +24,8 @@ from redis.retry import Retry
 from . import _async, _sync
 from ._codec import Codec, MsgpackSerializer
 from ._coherence import WriteResult
-from ._flow import Core
-from ._keys import FORMAT_VERSION, user_key, validate_namespace
+from ._flow import Core, Flow
+from ._keys import FORMAT_VERSION, user_key, validate_namespace, version_key
 from ._local import LocalCache
 from ._metrics import CacheStats
 from ._types import MISSING, Serializer
@@ -73,6 +75,11 @@ class TieredCache:
             the others wait for its result, at most this long: a holder that dies costs
             that much, and a load slower than this is not stored. Keep it above your
             slowest function's usual time.
+        tenants: keys depend on the current tenant, set with ``with cache.tenant("acme"):``
+            (a context variable, so it follows threads' and tasks' contexts): entries of
+            different tenants never share a key, and ``cache.invalidate_tenant("acme")``
+            drops all of one tenant's entries in O(1). Calls outside any tenant share one
+            scope of their own.
         breaker_threshold: consecutive Redis failures that open the circuit breaker (calls
             then skip Redis entirely).
         breaker_cooldown: seconds the breaker stays open before one call probes Redis.
@@ -111,6 +118,7 @@ class TieredCache:
         pool_size: int = 64,
         pool_timeout: float = 1.0,
         lease_ttl: float = 10.0,
+        tenants: bool = False,
         breaker_threshold: int = 5,
         breaker_cooldown: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
@@ -141,6 +149,9 @@ class TieredCache:
             raise ConfigError(f"serializer={serializer!r} lacks ident/name/requires_signature/dumps/loads")
         self.namespace = namespace
         self._ack_timeout = ack_timeout
+        self._tenant_var: contextvars.ContextVar[str | None] | None = (
+            contextvars.ContextVar(f"tiercache_tenant_{namespace}", default=None) if tenants else None
+        )
         codec = Codec(
             serializer,
             signing_key=signing_key,
@@ -198,7 +209,7 @@ class TieredCache:
 
     def get(self, key: str, default: Any = None) -> Any:
         """The value stored under ``key`` (from L1, else Redis), or ``default``."""
-        value = _sync.drive(self._core.get(user_key(self.namespace, key)), self._sync, None)
+        value = _sync.drive(self._get_flow(key), self._sync, None)
         return default if value is MISSING else value
 
     def set(
@@ -220,12 +231,80 @@ class TieredCache:
             CodecError: the serializer cannot encode ``value`` (or it is above max_value_bytes).
         """
         _positive("ttl", ttl, optional=True)
-        flow = self._core.set(user_key(self.namespace, key), value, ttl, l1_ttl, self._wait(wait, timeout))
+        flow = self._set_flow(key, value, ttl, l1_ttl, self._wait(wait, timeout))
         return _sync.drive(flow, self._sync, None)  # type: ignore[no-any-return]
 
     def delete(self, *keys: str, wait: bool = False, timeout: float | None = None) -> WriteResult:
         """Remove ``keys`` from Redis and L1, and from every other process's L1 (see ``set`` for ``wait``)."""
-        return self.invalidate(*[user_key(self.namespace, k) for k in keys], wait=wait, timeout=timeout)
+        return _sync.drive(self._delete_flow(keys, self._wait(wait, timeout)), self._sync, None)  # type: ignore[no-any-return]
+
+    def invalidate_tags(self, *tags: str, wait: bool = False, timeout: float | None = None) -> WriteResult:
+        """Invalidate every entry of every function decorated with any of ``tags``, in every
+        process, in O(1): each tag's version is bumped, so those entries are never read again
+        (they expire by their TTL). See ``set`` for ``wait``.
+
+        Example:
+            ``@tiered(cache, tags=lambda user_id: [f"user:{user_id}"])`` on every function
+            about a user; ``cache.invalidate_tags("user:42")`` after user 42 changed.
+        """
+        flow = self._core.bump(self._version_keys("tag", tags), self._wait(wait, timeout))
+        return _sync.drive(flow, self._sync, None)  # type: ignore[no-any-return]
+
+    def invalidate_tenant(self, tenant: str, wait: bool = False, timeout: float | None = None) -> WriteResult:
+        """Invalidate every entry of ``tenant`` (decorated calls and ``cache.get/set`` keys made
+        in its scope), in every process, in O(1)."""
+        flow = self._core.bump(self._version_keys("tenant", (tenant,)), self._wait(wait, timeout))
+        return _sync.drive(flow, self._sync, None)  # type: ignore[no-any-return]
+
+    @contextlib.contextmanager
+    def tenant(self, tenant: str) -> Iterator[None]:
+        """Within this block (and the threads' or tasks' contexts copied from it), every key
+        of this cache is the tenant's own. Needs ``TieredCache(tenants=True)``.
+
+        Example:
+            ``with cache.tenant(request.org_id): return render(report(day))``
+        """
+        if self._tenant_var is None:
+            raise ConfigError("cache.tenant() needs TieredCache(..., tenants=True)")
+        version_key(self.namespace, "tenant", tenant)  # a clear error for a bad name, here
+        token = self._tenant_var.set(tenant)
+        try:
+            yield
+        finally:
+            self._tenant_var.reset(token)
+
+    # -- flows shared by the sync methods and cache.aio --------------------------------------
+
+    def _user(self, key: str) -> tuple[str, str | None, list[str]]:
+        base = user_key(self.namespace, key)
+        tenant = None if self._tenant_var is None else self._tenant_var.get()
+        return base, tenant, [] if tenant is None else [version_key(self.namespace, "tenant", tenant)]
+
+    def _version_keys(self, kind: str, names: tuple[str, ...]) -> list[str]:
+        return [version_key(self.namespace, kind, n) for n in names]
+
+    def _get_flow(self, key: str) -> Flow:
+        base, tenant, names = self._user(key)
+        if not names:
+            return self._core.get(base)
+        return self._core.in_scope(base, tenant, names, self._core.get, MISSING)
+
+    def _set_flow(self, key: str, value: Any, ttl: float | None, l1_ttl: float | None, wait: float | None) -> Flow:
+        base, tenant, names = self._user(key)
+        if not names:
+            return self._core.set(base, value, ttl, l1_ttl, wait)
+        return self._core.in_scope(
+            base, tenant, names, lambda k: self._core.set(k, value, ttl, l1_ttl, wait), WriteResult(None, None, None)
+        )
+
+    def _delete_flow(self, keys: tuple[str, ...], wait: float | None) -> Flow:
+        resolved = []
+        for key in keys:
+            base, tenant, names = self._user(key)
+            scoped = yield from self._core.scope_key(base, tenant, names)
+            if scoped is not None:
+                resolved.append(scoped)
+        return (yield from self._core.delete(resolved, wait))
 
     def invalidate(self, *redis_keys: str, wait: bool = False, timeout: float | None = None) -> WriteResult:
         """Remove entries by their Redis keys (``f.key(...)`` of a decorated function) from Redis
@@ -327,7 +406,7 @@ class AsyncCacheView:
     async def get(self, key: str, default: Any = None) -> Any:
         """The value stored under ``key`` (from L1, else Redis), or ``default``."""
         c = self._cache
-        value = await _async.drive(c._core.get(user_key(c.namespace, key)), c._async, None)
+        value = await _async.drive(c._get_flow(key), c._async, None)
         return default if value is MISSING else value
 
     async def set(
@@ -343,13 +422,25 @@ class AsyncCacheView:
         """Store ``value`` in Redis and L1 and tell every other process to drop its copy."""
         _positive("ttl", ttl, optional=True)
         c = self._cache
-        flow = c._core.set(user_key(c.namespace, key), value, ttl, l1_ttl, c._wait(wait, timeout))
+        flow = c._set_flow(key, value, ttl, l1_ttl, c._wait(wait, timeout))
         return await _async.drive(flow, c._async, None)  # type: ignore[no-any-return]
 
     async def delete(self, *keys: str, wait: bool = False, timeout: float | None = None) -> WriteResult:
         """Remove ``keys`` from Redis and L1, and from every other process's L1."""
         c = self._cache
-        return await self.invalidate(*[user_key(c.namespace, k) for k in keys], wait=wait, timeout=timeout)
+        return await _async.drive(c._delete_flow(keys, c._wait(wait, timeout)), c._async, None)  # type: ignore[no-any-return]
+
+    async def invalidate_tags(self, *tags: str, wait: bool = False, timeout: float | None = None) -> WriteResult:
+        """``cache.invalidate_tags`` without blocking the event loop."""
+        c = self._cache
+        flow = c._core.bump(c._version_keys("tag", tags), c._wait(wait, timeout))
+        return await _async.drive(flow, c._async, None)  # type: ignore[no-any-return]
+
+    async def invalidate_tenant(self, tenant: str, wait: bool = False, timeout: float | None = None) -> WriteResult:
+        """``cache.invalidate_tenant`` without blocking the event loop."""
+        c = self._cache
+        flow = c._core.bump(c._version_keys("tenant", (tenant,)), c._wait(wait, timeout))
+        return await _async.drive(flow, c._async, None)  # type: ignore[no-any-return]
 
     async def invalidate(self, *redis_keys: str, wait: bool = False, timeout: float | None = None) -> WriteResult:
         """Remove entries by their Redis keys from Redis and from the L1 of every process."""

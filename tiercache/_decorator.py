@@ -13,15 +13,15 @@ from __future__ import annotations
 import functools
 import inspect
 import typing
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, overload
 
 from . import _async, _sync
 from ._cache import TieredCache, _positive
 from ._coherence import WriteResult
-from ._flow import Policy
-from ._keys import KeyMaker, canonical_bytes, digest, function_prefix, user_key
-from .errors import ConfigError
+from ._flow import CALL, Flow, Policy
+from ._keys import KeyMaker, canonical_bytes, digest, function_prefix, scoped_key, user_key, version_key
+from .errors import BackendError, ConfigError
 
 __all__ = ["AsyncTieredFunction", "TieredFunction", "tiered"]
 
@@ -33,12 +33,43 @@ _S = TypeVar("_S")
 
 
 class _NeedLoad:
-    """What the hit path answers on a miss: the key it derived, so the miss path need not."""
+    """What the hit path answers on a miss: the key it derived, so the miss path need not;
+    with ``scope`` (tenant, version keys), the unscoped key, whose versions L1 lacks."""
 
-    __slots__ = ("key",)
+    __slots__ = ("key", "scope")
 
-    def __init__(self, key: str) -> None:
+    def __init__(self, key: str, scope: tuple[str | None, list[str]] | None = None) -> None:
         self.key = key
+        self.scope = scope
+
+
+class _Scope:
+    """A function's tags and tenant: which version counters its keys depend on (see
+    ``_keys.scoped_key``). Tags are static names or a function of the call's arguments; the
+    tenant comes from ``tenant=`` (a function of the arguments) or the cache's current
+    ``cache.tenant(...)`` scope."""
+
+    __slots__ = ("_namespace", "_static", "_tags_fn", "_tenant_fn", "_tenant_var")
+
+    def __init__(self, cache: TieredCache, tags: Any, tenant: Callable[..., Any] | None) -> None:
+        self._namespace = cache.namespace
+        self._tags_fn: Callable[..., Any] | None = tags if callable(tags) else None
+        self._static = [] if tags is None or callable(tags) else [version_key(cache.namespace, "tag", t) for t in tags]
+        self._tenant_fn = tenant
+        self._tenant_var = cache._tenant_var
+
+    def resolve(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str | None, list[str]]:
+        tenant_fn, var = self._tenant_fn, self._tenant_var
+        tenant = tenant_fn(*args, **kwargs) if tenant_fn is not None else var.get() if var is not None else None
+        names = self._static
+        if self._tags_fn is not None:
+            tags = self._tags_fn(*args, **kwargs)
+            if isinstance(tags, str):
+                tags = (tags,)
+            names = [version_key(self._namespace, "tag", t) for t in tags]
+        if tenant is not None:
+            names = [*names, version_key(self._namespace, "tenant", tenant)]
+        return tenant, names
 
 
 class _Tiered:
@@ -71,6 +102,9 @@ class _Tiered:
         refresh_after = options.get("refresh_after")
         if refresh_after is not None and refresh_after >= ttl:
             raise ConfigError(f"refresh_after={refresh_after} must be less than ttl={ttl} (it refreshes before expiry)")
+        tags, tenant = options.pop("tags"), options.pop("tenant")
+        scoped = tags is not None or tenant is not None or cache._tenant_var is not None
+        self._scope = _Scope(cache, tags, tenant) if scoped else None
         self._policy = Policy(qualname, ttl, self._core.l1_ttl if l1_ttl is None else l1_ttl, **options)
         self._prefix = function_prefix(cache.namespace, name or qualname)
         self._keyfn: _KeyFn
@@ -84,8 +118,41 @@ class _Tiered:
         self.cache = cache
 
     def key(self, *args: Any, **kwargs: Any) -> str:
-        """The Redis key this call uses."""
-        return self._keyfn(args, kwargs)
+        """The Redis key this call uses (in its scope: tags' and tenant's current versions,
+        which may take a round trip to Redis to read)."""
+        if self._scope is None:
+            return self._keyfn(args, kwargs)
+        key: str | None = _sync.drive(self._scoped(args, kwargs), self._cache._sync, None)
+        if key is None:
+            raise BackendError("the tag or tenant versions of this call cannot be read from Redis")
+        return key
+
+    def _scoped(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Flow:
+        """The call's key in its scope now (None: its versions cannot be read)."""
+        base = self._keyfn(args, kwargs)
+        if self._scope is None:
+            return base
+        tenant, names = self._scope.resolve(args, kwargs)
+        return (yield from self._core.scope_key(base, tenant, names))
+
+    def _invalidate_flow(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Flow:
+        key = yield from self._scoped(args, kwargs)
+        if key is None:
+            return WriteResult(None, None, None)
+        return (yield from self._core.delete([key], None))
+
+    def _refresh_flow(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Flow:
+        key = yield from self._scoped(args, kwargs)
+        if key is None:
+            return (yield CALL)
+        return (yield from self._core.refresh(key, self._policy))
+
+    def _miss_flow(self, need: _NeedLoad) -> Flow:
+        if self._hints_pending:
+            self._register_return_types()
+        if need.scope is None:
+            return self._core.read_through(need.key, self._policy, True)
+        return self._core.scoped_read(need.key, *need.scope, self._policy)
 
     def _register_return_types(self) -> None:
         # Lets the default serializer decode the dataclasses/pydantic models/enums this
@@ -242,22 +309,20 @@ class _SyncTiered(_Tiered):
 
         def call(*args: Any, **kwargs: Any) -> Any:
             value = hit(args, kwargs)
-            return miss(value.key, args, kwargs) if type(value) is _NeedLoad else value
+            return miss(value, args, kwargs) if type(value) is _NeedLoad else value
 
         return call
 
-    def _miss(self, key: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if self._hints_pending:
-            self._register_return_types()
-        flow = self._core.read_through(key, self._policy, True)
+    def _miss(self, need: _NeedLoad, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        flow = self._miss_flow(need)
         return _sync.drive(flow, self._cache._sync, functools.partial(self._fn, *args, **kwargs))
 
     def invalidate(self, *args: Any, **kwargs: Any) -> WriteResult:
-        result: WriteResult = _sync.drive(self._core.delete([self._keyfn(args, kwargs)], None), self._cache._sync, None)
+        result: WriteResult = _sync.drive(self._invalidate_flow(args, kwargs), self._cache._sync, None)
         return result
 
     def refresh(self, *args: Any, **kwargs: Any) -> Any:
-        flow = self._core.refresh(self._keyfn(args, kwargs), self._policy)
+        flow = self._refresh_flow(args, kwargs)
         return _sync.drive(flow, self._cache._sync, functools.partial(self._fn, *args, **kwargs))
 
 
@@ -270,24 +335,20 @@ class _AsyncTiered(_Tiered):
 
         async def call(*args: Any, **kwargs: Any) -> Any:
             value = hit(args, kwargs)  # the L1 hit: no I/O, no generator, no await
-            return await miss(value.key, args, kwargs) if type(value) is _NeedLoad else value
+            return await miss(value, args, kwargs) if type(value) is _NeedLoad else value
 
         return call
 
-    async def _miss(self, key: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if self._hints_pending:
-            self._register_return_types()
-        flow = self._core.read_through(key, self._policy, True)
+    async def _miss(self, need: _NeedLoad, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        flow = self._miss_flow(need)
         return await _async.drive(flow, self._cache._async, functools.partial(self._fn, *args, **kwargs))
 
     async def invalidate(self, *args: Any, **kwargs: Any) -> WriteResult:
-        result: WriteResult = await _async.drive(
-            self._core.delete([self._keyfn(args, kwargs)], None), self._cache._async, None
-        )
+        result: WriteResult = await _async.drive(self._invalidate_flow(args, kwargs), self._cache._async, None)
         return result
 
     async def refresh(self, *args: Any, **kwargs: Any) -> Any:
-        flow = self._core.refresh(self._keyfn(args, kwargs), self._policy)
+        flow = self._refresh_flow(args, kwargs)
         return await _async.drive(flow, self._cache._async, functools.partial(self._fn, *args, **kwargs))
 
 
@@ -307,6 +368,8 @@ def _hit_path(t: _Tiered) -> Callable[[tuple[Any, ...], dict[str, Any]], Any]:
     counters = t._core.counters
     core = t._core
     countdown = _POLL_EVERY
+    if t._scope is not None:
+        return _scoped_hit_path(t, t._scope)
 
     def hit(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         nonlocal countdown
@@ -327,6 +390,49 @@ def _hit_path(t: _Tiered) -> Callable[[tuple[Any, ...], dict[str, Any]], Any]:
         try:
             move_to_end(key)
         except KeyError:  # evicted by another thread since the get: still a hit
+            pass
+        counters.l1_hits += 1
+        return entry[0]
+
+    return hit
+
+
+def _scoped_hit_path(t: _Tiered, scope: _Scope) -> Callable[[tuple[Any, ...], dict[str, Any]], Any]:
+    """The hit path of a function with tags or a tenant: the unscoped key as in ``_hit_path``,
+    then the versions of its tags and tenant from L1 (a miss there sends the call to the slow
+    path, which reads them from Redis), then the scoped key's entry."""
+    keyfn = t._keyfn
+    resolve = scope.resolve
+    cached_versions = t._core.cached_versions
+    local = t._core.local
+    data_get = local._data.get
+    move_to_end = local._data.move_to_end
+    clock = local._clock
+    counters = t._core.counters
+    core = t._core
+    countdown = _POLL_EVERY
+
+    def hit(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        nonlocal countdown
+        countdown -= 1
+        if countdown <= 0:
+            countdown = _POLL_EVERY
+            core.poll()
+        base = keyfn(args, kwargs)
+        tenant, names = resolve(args, kwargs)
+        if not names:
+            key = base
+        else:
+            versions = cached_versions(names)
+            if versions is None:
+                return _NeedLoad(base, (tenant, names))
+            key = scoped_key(base, tenant, versions)
+        entry = data_get(key)
+        if entry is None or entry[1] <= clock():
+            return _NeedLoad(key)
+        try:
+            move_to_end(key)
+        except KeyError:
             pass
         counters.l1_hits += 1
         return entry[0]
@@ -409,6 +515,8 @@ def tiered(
     ttl_jitter: float = 0.0,
     cache_errors: tuple[type[BaseException], ...] = (),
     error_ttl: float = 5.0,
+    tags: Sequence[str] | Callable[..., Iterable[str] | str] | None = None,
+    tenant: Callable[..., str | None] | None = None,
 ) -> _Decorator:
     """Cache a function's results in ``cache``'s L1 and Redis.
 
@@ -443,6 +551,12 @@ def tiered(
             for ``error_ttl`` seconds (negative caching): calls raise it again without
             calling the function. Other exceptions are never cached.
         error_ttl: seconds a cached exception is kept (only with ``cache_errors``).
+        tags: names (or a function of the call's arguments returning names) whose
+            ``cache.invalidate_tags(...)`` invalidates this call's entry, in O(1): the key
+            includes each tag's version (docs/tags-and-tenants.md).
+        tenant: a function of the call's arguments returning its tenant (or None); default:
+            the cache's current ``cache.tenant(...)`` scope, if the cache has ``tenants=True``.
+            Entries of different tenants never share a key.
 
     With ``soft_timeout`` or ``hard_timeout`` a miss's load runs on a worker thread (sync)
     or as a task (async), in a copy of the caller's context variables.
@@ -471,6 +585,10 @@ def tiered(
         raise ConfigError(f"cache_errors={cache_errors!r} must be a tuple of exception classes, e.g. (LookupError,)")
     if key is not None and not callable(key):
         raise ConfigError(f"key={key!r} must be a function with the decorated function's signature")
+    if isinstance(tags, str):
+        raise ConfigError(f"tags={tags!r} must be a list of names (e.g. tags=[{tags!r}]) or a function")
+    if tenant is not None and not callable(tenant):
+        raise ConfigError(f"tenant={tenant!r} must be a function of the call's arguments returning the tenant")
     options: dict[str, Any] = {
         "ttl": ttl,
         "l1_ttl": l1_ttl,
@@ -482,7 +600,11 @@ def tiered(
         "ttl_jitter": ttl_jitter,
         "cache_errors": cache_errors,
         "error_ttl": error_ttl,
+        "tags": None if tags is None or callable(tags) else tuple(tags),
+        "tenant": tenant,
     }
+    if tags is not None and callable(tags):
+        options["tags"] = tags
     return _Decorator(cache, key, name, options)
 
 

@@ -23,6 +23,7 @@ from . import _remote
 from ._codec import Codec
 from ._coherence import Bus, WriteResult
 from ._flight import Flight, FlightTable
+from ._keys import scoped_key
 from ._local import LocalCache
 from ._metrics import CacheStats, Counters, RateLimitedLog
 from ._remote import FAILED, LEASE_PREFIX, Breaker, PoolBusy, RedisOp, RemoteFailure
@@ -216,6 +217,8 @@ class Core:
         self.seq_key = f"tc:{namespace}:seq"
         self.counters = Counters()
         self.flights = FlightTable(local)
+        #: Tag and tenant versions of an L1-only cache (no Redis to keep them in).
+        self._local_versions: dict[str, int] = {}
         self.breaker = Breaker(threshold=breaker_threshold, cooldown=breaker_cooldown, clock=clock)
         self._last_failure: BaseException | None = None  # the cause of "breaker open" errors
         #: Applies invalidations that have arrived, from a caller's thread (set by the cache
@@ -596,6 +599,82 @@ class Core:
         )
         return value
 
+    # -- scopes: tags and tenants ------------------------------------------------------------
+
+    def cached_versions(self, names: Sequence[str]) -> list[int] | None:
+        """The versions of ``names`` (tag and tenant counters) if L1 has them all, else None."""
+        if not self.has_remote:
+            return [self._local_versions.get(n, 0) for n in names]
+        data, now, out = self.local._data, self.clock(), []
+        for name in names:
+            entry = data.get(name)
+            if entry is None or entry[1] <= now:
+                return None
+            out.append(entry[0])
+        return out
+
+    def versions(self, names: Sequence[str]) -> Flow:
+        """The versions of ``names``: from L1, else one MGET (cached in L1 for ``l1_ttl``, unless
+        an invalidation of a counter overtook the read). None when Redis cannot say: the call
+        then must not use the cache (its key is unknown)."""
+        cached = self.cached_versions(names)
+        if cached is not None:
+            return cached
+        watches = self.flights.watch(names)
+        sent_at = self.clock()
+        op = _remote.versions(names)
+        try:
+            got = self._settle(op, (yield op) if self._allow() else _SKIPPED)
+        except BaseException:
+            self.flights.unwatch(watches)
+            raise
+        if got is FAILED:
+            self.flights.unwatch(watches)
+            return None
+        self.flights.fill_watched(watches, got, sent_at + self.l1_ttl, 8)
+        return got
+
+    def scoped_read(self, base: str, tenant: str | None, names: Sequence[str], policy: Policy) -> Flow:
+        """``read_through`` of ``base`` in its scope (tenant, tag versions), loading them first."""
+        versions = yield from self.versions(names)
+        if versions is None:  # no versions, no key: answer from the function, cache nothing
+            self.counters.misses += 1
+            self.counters.loads += 1
+            return (yield CALL)
+        key = scoped_key(base, tenant, versions)
+        value = self.local.get(key)
+        if value is not MISSING:
+            self.counters.l1_hits += 1
+            return value
+        return (yield from self.read_through(key, policy, True))
+
+    def scope_key(self, base: str, tenant: str | None, names: Sequence[str]) -> Flow:
+        """The key of ``base`` in its scope now; None when the versions cannot be read."""
+        if not names:
+            return base
+        versions = yield from self.versions(names)
+        return None if versions is None else scoped_key(base, tenant, versions)
+
+    def in_scope(
+        self, base: str, tenant: str | None, names: Sequence[str], then: Callable[[str], Flow], otherwise: Any
+    ) -> Flow:
+        """Run ``then(key)`` with ``base``'s key in its scope; ``otherwise`` if it is unknown."""
+        key = yield from self.scope_key(base, tenant, names)
+        if key is None:
+            return otherwise
+        return (yield from then(key))
+
+    def bump(self, names: Sequence[str], wait: float | None) -> Flow:
+        """Invalidate every entry scoped by ``names`` (tags, tenants) at once: increment their
+        version counters and tell every process to drop its cached versions. O(1) in the
+        number of entries: they are never read again, and expire by their TTL."""
+        if not names:
+            return WriteResult(None, 0, None)
+        if not self.has_remote:
+            for name in names:
+                self._local_versions[name] = self._local_versions.get(name, 0) + 1
+        return (yield from self._write(names, None, 0.0, None, None, wait, incr=True))
+
     def set(self, key: str, value: Any, ttl: float | None, l1_ttl: float | None, wait: float | None) -> Flow:
         """Write ``value`` to Redis, broadcast the invalidation, then keep it in local L1."""
         data = self.codec.encode(key, value)  # an explicit set of an unencodable value raises
@@ -615,6 +694,7 @@ class Core:
         values: Sequence[Any] | None,
         l1_ttl: float | None,
         wait: float | None,
+        incr: bool = False,
     ) -> Flow:
         """Redis first (one script: write, sequence number, publish), then this process's L1.
 
@@ -624,7 +704,7 @@ class Core:
         ack_key = f"tc:{self.namespace}:ack:{secrets.token_hex(8)}" if wait is not None else ""
         watches = self.flights.watch(keys)
         sent_at = self.clock()
-        op = _remote.write(self.seq_key, self.channel, self.node_id, keys, datas, _ms(ttl), ack_key)
+        op = _remote.write(self.seq_key, self.channel, self.node_id, keys, datas, _ms(ttl), ack_key, incr)
         try:
             reply = self._settle(op, (yield op) if self._allow() else _SKIPPED)
         except BaseException:

@@ -29,6 +29,8 @@ __all__ = [
     "canonical_bytes",
     "digest",
     "function_prefix",
+    "scoped_key",
+    "version_key",
     "user_key",
     "validate_namespace",
 ]
@@ -199,6 +201,24 @@ def user_key(namespace: str, key: str) -> str:
     if "{" in key or "}" in key:
         key = "#" + digest(key.encode("utf-8", "surrogatepass"))
     return f"tc:{namespace}:{FORMAT_VERSION}:k:{{{key}}}"
+
+
+def version_key(namespace: str, kind: str, name: str) -> str:
+    """Where a tag's or tenant's version counter lives: ``tc:{ns}:tag:{name}`` (or ``tenant``)."""
+    if not isinstance(name, str) or not name:
+        raise KeyEncodingError(f"{kind} {name!r} must be a non-empty str")
+    if "{" in name or "}" in name:
+        name = "#" + digest(name.encode("utf-8", "surrogatepass"))
+    return f"tc:{namespace}:{kind}:{{{name}}}"
+
+
+def scoped_key(key: str, tenant: str | None, versions: list[int]) -> str:
+    """``key`` in a scope: its tenant and the versions of its tags and tenant, digested and put
+    before the hash tag (so the key's lease and refresh keys stay in its slot). Bumping any
+    version makes a new key: the old entries are never read again and expire by TTL."""
+    scope = canonical_bytes((tenant, versions), "scope")
+    i = key.rindex("{")
+    return key[:i] + "s" + xxhash.xxh3_128_hexdigest(scope) + ":" + key[i:]
 
 
 class KeyMaker:

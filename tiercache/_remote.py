@@ -32,6 +32,7 @@ __all__ = [
     "release",
     "replace",
     "take_acks",
+    "versions",
     "wait_lease",
     "waiters_key",
     "write",
@@ -158,9 +159,9 @@ return 1
 # KEYS[1] the namespace's sequence counter, then (value key, refresh key) pairs.
 # ARGV[1] origin node id, ARGV[2] channel, ARGV[3] 'set' or 'del', ARGV[4] ttl in ms,
 # ARGV[5] the list receivers push their acknowledgement on ('' for none), ARGV[6..] the
-# values (for 'set'). Redis first (replacing any lease marker and deleting any refresh token,
-# so neither a load nor a refresh in flight can land over this write), then one message for
-# the whole batch.
+# values (for 'set'); 'incr' bumps version counters (tags, tenants) instead. Redis first
+# (replacing any lease marker and deleting any refresh token, so neither a load nor a refresh
+# in flight can land over this write), then one message for the whole batch.
 _WRITE = Script("""
 local keys = {}
 for i = 2, #KEYS, 2 do
@@ -168,6 +169,8 @@ for i = 2, #KEYS, 2 do
   keys[n] = KEYS[i]
   if ARGV[3] == 'set' then
     redis.call('SET', KEYS[i], ARGV[5 + n], 'PX', ARGV[4])
+  elseif ARGV[3] == 'incr' then
+    redis.call('INCR', KEYS[i])
   else
     redis.call('DEL', KEYS[i])
   end
@@ -248,11 +251,14 @@ def write(
     values: Sequence[bytes] | None,
     ttl_ms: int,
     ack_key: str = "",
+    incr: bool = False,
 ) -> RedisOp:
-    """Set (``values``) or delete (``values=None``) ``keys``, then publish their invalidation.
+    """Set (``values``) or delete (``values=None``) ``keys``, or ``incr`` them (version
+    counters), then publish their invalidation.
 
     Parses to ``(seq, receivers)``: the message's sequence number and PUBLISH's count."""
-    argv: tuple[Any, ...] = (node_id, channel, "set" if values is not None else "del", ttl_ms, ack_key)
+    mode = "incr" if incr else "set" if values is not None else "del"
+    argv: tuple[Any, ...] = (node_id, channel, mode, ttl_ms, ack_key)
     if values is not None:
         argv += tuple(values)
     pairs = [k for key in keys for k in (key, refresh_key(key))]
@@ -330,6 +336,11 @@ def await_ack(ack_key: str, timeout: float) -> RedisOp:
 def take_acks(ack_key: str, count: int) -> RedisOp:
     """Take up to ``count`` acknowledgements that are already there; parses to how many."""
     return RedisOp(("LPOP", ack_key, count), lambda reply: len(reply) if reply else 0)
+
+
+def versions(keys: Sequence[str]) -> RedisOp:
+    """Version counters (tags, tenants): parses to their values, 0 for a counter never bumped."""
+    return RedisOp(("MGET", *keys), lambda reply: [int(v) if v else 0 for v in reply])
 
 
 def read_seq(seq_key: str) -> RedisOp:
