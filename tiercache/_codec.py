@@ -26,7 +26,9 @@ import hashlib
 import hmac
 import importlib
 import json
+import math
 import pickle
+import sys
 import threading
 import typing
 import uuid
@@ -132,6 +134,15 @@ class MsgpackSerializer:
                 return base(obj)  # type: ignore[arg-type]
         if isinstance(obj, (bytearray, memoryview)):
             return bytes(obj)
+        numpy = sys.modules.get("numpy")
+        if numpy is not None:
+            if isinstance(obj, numpy.ndarray):
+                if obj.dtype.kind not in _NUMPY_KINDS:
+                    raise TypeError(f"msgpack serializer stores numeric numpy arrays only, not dtype {obj.dtype}")
+                data = numpy.ascontiguousarray(obj).tobytes()
+                return msgpack.ExtType(15, self.dumps([obj.dtype.str, list(obj.shape), data]))
+            if isinstance(obj, numpy.generic) and obj.dtype.kind in _NUMPY_KINDS:
+                return obj.item()  # a numpy scalar: stored as the Python number
         raise TypeError(f"msgpack serializer cannot encode a {t.__qualname__}")
 
     def _learn(self, cls: type) -> None:
@@ -173,6 +184,8 @@ class MsgpackSerializer:
             return frozenset(self.loads(data))
         if code == 12:
             return int(data.decode(), 16)
+        if code == 15:
+            return _decode_array(self.loads(data))
         if code in (10, 11, 14):
             name, payload = self.loads(data)
             cls: Any = self._registered(name)
@@ -183,6 +196,27 @@ class MsgpackSerializer:
             if code == 14 and issubclass(cls, enum.Enum):
                 return cls(payload)
         raise CodecError(f"unknown msgpack extension type {code}")
+
+
+# Numeric dtypes only (bool, ints, floats, complex): an object array would need pickle.
+_NUMPY_KINDS = frozenset("biufc")
+
+
+def _decode_array(fields: Any) -> Any:
+    """A numpy array stored by the msgpack serializer: dtype string, shape, raw bytes. Read-only
+    (it shares the bytes it was decoded from, and L1 hands the same object to every caller)."""
+    try:
+        import numpy  # noqa: PLC0415 - optional, and only when an array is read
+    except ImportError:
+        raise CodecError("value is a numpy array, but numpy is not installed here") from None
+    dtype_str, shape, raw = fields
+    dtype = numpy.dtype(dtype_str)
+    if dtype.kind not in _NUMPY_KINDS:
+        raise CodecError(f"numpy array of dtype {dtype_str!r} refused: numeric dtypes only")
+    count = math.prod(shape)
+    if count * dtype.itemsize != len(raw):
+        raise CodecError(f"numpy array of shape {shape} and dtype {dtype_str} does not match its {len(raw)} bytes")
+    return numpy.frombuffer(raw, dtype=dtype).reshape(shape)
 
 
 class JsonSerializer:
