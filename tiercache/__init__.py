@@ -15,6 +15,7 @@ Quick start::
         ...
 """
 
+from ._batch import BatchFunction, tiered_batch
 from ._cache import AsyncCacheView, TieredCache
 from ._codec import JsonSerializer, MsgpackSerializer, PickleSerializer
 from ._coherence import WriteResult
@@ -36,6 +37,7 @@ __all__ = [
     "AsyncCacheView",
     "AsyncTieredFunction",
     "BackendError",
+    "BatchFunction",
     "CacheStats",
     "CodecError",
     "ConfigError",
@@ -51,6 +53,7 @@ __all__ = [
     "ValueTooLargeError",
     "WriteResult",
     "tiered",
+    "tiered_batch",
 ]
 
 __version__ = "0.1.0"

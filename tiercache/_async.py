@@ -17,7 +17,7 @@ import redis.asyncio
 from redis.exceptions import NoScriptError
 
 from ._flight import Flight
-from ._flow import CALL, Flow, Spawn, Wait
+from ._flow import CALL, CallWith, Flow, Spawn, Wait
 from ._remote import PoolBusy, RedisOp, RemoteFailure
 from .errors import ConfigError
 
@@ -212,7 +212,7 @@ def _resolve(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-async def drive(flow: Flow, remote: AsyncRedis | None, call: Callable[[], Awaitable[Any]] | None) -> Any:
+async def drive(flow: Flow, remote: AsyncRedis | None, call: Callable[..., Awaitable[Any]] | None) -> Any:
     """Run ``flow`` to its end, awaiting each step it yields, and return what it returns."""
     reply: Any = None
     error: BaseException | None = None
@@ -225,6 +225,8 @@ async def drive(flow: Flow, remote: AsyncRedis | None, call: Callable[[], Awaita
         try:
             if step is CALL:
                 reply = await call()  # type: ignore[misc]
+            elif type(step) is CallWith:
+                reply = await call(step.arg)  # type: ignore[misc]
             elif type(step) is Wait:
                 await wait(step.flight, step.timeout)
             elif type(step) is Spawn:

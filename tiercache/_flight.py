@@ -195,6 +195,16 @@ class FlightTable:
                 if not w.dirty:
                     self._local.put_until(w.key, value, expires_at, size)
 
+    def fill_each(self, watches: Sequence[Flight], entries: dict[str, tuple[Any, float, int]]) -> None:
+        """Reads of several keys (``watch`` ed): put ``entries`` (key -> value, expiry, size)
+        into L1 for the keys no invalidation overtook, and drop every watch."""
+        with self._lock:
+            for w in watches:
+                self._unwatch(w)
+                entry = entries.get(w.key)
+                if entry is not None and not w.dirty:
+                    self._local.put_until(w.key, entry[0], entry[1], entry[2])
+
     def unwatch(self, watches: Sequence[Flight]) -> None:
         """A write that did not happen and leaves L1 as it is (a refresh another process runs)."""
         with self._lock:

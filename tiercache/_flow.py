@@ -30,7 +30,7 @@ from ._remote import FAILED, LEASE_PREFIX, Breaker, PoolBusy, RedisOp, RemoteFai
 from ._types import MISSING
 from .errors import BackendError, CodecError, LoadTimeoutError, ValueTooLargeError
 
-__all__ = ["CALL", "CachedError", "Core", "Flow", "Policy", "Spawn", "Wait"]
+__all__ = ["CALL", "CachedError", "CallWith", "Core", "Flow", "Policy", "Spawn", "Wait"]
 
 
 class _Call:
@@ -44,6 +44,16 @@ class _Call:
 CALL: Any = _Call()
 
 _SKIPPED: Any = object()  # a Redis step not sent (no Redis, or the breaker is open)
+
+
+class CallWith:
+    """Yielded by a batch flow to have the driver call the function with ``arg`` (the items
+    that missed both tiers) and send back its result."""
+
+    __slots__ = ("arg",)
+
+    def __init__(self, arg: Any) -> None:
+        self.arg = arg
 
 
 class Wait:
@@ -598,6 +608,98 @@ class Core:
             expires + policy.stale_ttl if policy.stale_ttl else None,
         )
         return value
+
+    # -- batches --------------------------------------------------------------------------
+
+    def read_batch(self, keys: Sequence[str], items: Sequence[Any], policy: Policy, name: str) -> Flow:
+        """The values of ``keys`` (distinct; ``items[i]`` is what the function needs to compute
+        ``keys[i]``): from L1, else one pipelined round trip that reads every missing key and
+        takes the lease of each empty one, else one call of the function with the items that
+        are still missing, whose results are stored with one script (only where our lease
+        still holds: invariant 3) and put into L1 unless an invalidation overtook them."""
+        results: dict[str, Any] = {}
+        missing: list[int] = []
+        for i, key in enumerate(keys):
+            value = self.local.get(key)
+            if value is MISSING:
+                missing.append(i)
+            else:
+                results[key] = value
+        self.counters.l1_hits += len(results)
+        if not missing:
+            return results
+        want = [keys[i] for i in missing]
+        marker = LEASE_PREFIX + b"%s:%d" % (self._marker_base, next(self._markers))
+        watches = self.flights.watch(want)
+        entries: dict[str, tuple[Any, float, int]] = {}
+        leased: list[str] = []
+        try:
+            op = _remote.fetch_many(want, marker, self.lease_ms)
+            sent_at = self.clock()
+            found = self._settle(op, (yield op) if self._allow() else _SKIPPED)
+            load: list[int] = []
+            for i, got in zip(missing, [FAILED] * len(want) if found is FAILED else found, strict=True):
+                key = keys[i]
+                if isinstance(got, tuple):
+                    try:
+                        value = self.codec.decode(key, got[0])
+                    except CodecError as exc:
+                        self.counters.codec_errors += 1
+                        self.log.emit("codec", "tiercache: ignoring unreadable value in Redis: %s", exc)
+                    else:
+                        pttl = got[1]
+                        left = pttl / 1000.0 if pttl >= 0 else float("inf") if pttl == -1 else 0.0
+                        results[key] = value
+                        entries[key] = (value, sent_at + min(policy.l1_ttl, left), len(got[0]))
+                        continue
+                elif got is True:
+                    leased.append(key)
+                load.append(i)
+            self.counters.l2_hits += len(missing) - len(load)
+            self.counters.misses += len(load)
+            if load:
+                self.counters.loads += 1
+                started = self.clock()
+                try:
+                    values = yield CallWith([items[i] for i in load])
+                except Exception:
+                    self.counters.load_errors += 1
+                    raise
+                policy.record_load_time(self.clock() - started)
+                if not isinstance(values, (list, tuple)) or len(values) != len(load):
+                    got_len = len(values) if isinstance(values, (list, tuple)) else type(values).__name__
+                    raise TypeError(
+                        f"{name} returned {got_len} results for {len(load)} items: "
+                        "a batch function must return a list with one result per item, in order"
+                    )
+                datas: dict[str, bytes] = {}
+                for i, value in zip(load, values, strict=True):
+                    key = keys[i]
+                    results[key] = value
+                    data = self._encode_or_none(key, value)
+                    if data is not None:
+                        datas[key] = data
+                ttl_s = policy.l2_ttl()
+                sent_at = self.clock()
+                store = [k for k in leased if k in datas]
+                if store:
+                    op = _remote.fill_many(
+                        store, marker, [datas[k] for k in store], _ms(ttl_s), self.channel, self.node_id
+                    )
+                    self._settle(op, (yield op) if self._allow() else _SKIPPED)
+                unstored = [k for k in leased if k not in datas]
+                leased = []
+                if unstored:
+                    yield from self._quietly(_remote.release_many(unstored, marker, self.channel, self.node_id))
+                for k, data in datas.items():
+                    entries[k] = (results[k], sent_at + min(policy.l1_ttl, ttl_s), len(data))
+        except BaseException:
+            self.flights.unwatch(watches)
+            if leased:
+                yield from self._quietly(_remote.release_many(leased, marker, self.channel, self.node_id))
+            raise
+        self.flights.fill_each(watches, entries)
+        return results
 
     # -- scopes: tags and tenants ------------------------------------------------------------
 

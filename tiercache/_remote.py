@@ -24,12 +24,15 @@ __all__ = [
     "await_ack",
     "begin_refresh",
     "fetch",
+    "fetch_many",
     "fill",
+    "fill_many",
     "finish_refresh",
     "peek",
     "read_seq",
     "refresh_key",
     "release",
+    "release_many",
     "replace",
     "take_acks",
     "versions",
@@ -336,6 +339,66 @@ def await_ack(ack_key: str, timeout: float) -> RedisOp:
 def take_acks(ack_key: str, count: int) -> RedisOp:
     """Take up to ``count`` acknowledgements that are already there; parses to how many."""
     return RedisOp(("LPOP", ack_key, count), lambda reply: len(reply) if reply else 0)
+
+
+def _parse_read_many(replies: list[Any]) -> list[tuple[bytes, int] | bool]:
+    return [_parse_read(replies[i : i + 2]) for i in range(0, len(replies), 2)]
+
+
+def fetch_many(keys: Sequence[str], marker: bytes, lease_ms: int) -> RedisOp:
+    """``fetch`` of several keys in one round trip (a pipeline, no Lua): parses to one
+    ``(bytes, pttl)`` / True (our lease) / False (another's lease) per key."""
+    commands = [c for key in keys for c in (("SET", key, marker, "NX", "PX", lease_ms, "GET"), ("PTTL", key))]
+    return RedisOp(commands[0], _parse_read_many, more=tuple(commands[1:]))
+
+
+# KEYS: the values, then their waiter flags. ARGV[1] our marker, ARGV[2] ttl ms, ARGV[3]
+# channel, ARGV[4] node id, ARGV[5..] the bytes: ``fill`` of several keys, one round trip.
+_FILL_MANY = Script("""
+local n = #KEYS / 2
+local landed, waited = 0, {}
+for i = 1, n do
+  if redis.call('GET', KEYS[i]) == ARGV[1] then
+    redis.call('SET', KEYS[i], ARGV[4 + i], 'PX', ARGV[2])
+    landed = landed + 1
+    if redis.call('DEL', KEYS[n + i]) == 1 then waited[#waited + 1] = KEYS[i] end
+  end
+end
+if #waited > 0 then redis.call('PUBLISH', ARGV[3], cjson.encode({n = ARGV[4], f = waited})) end
+return landed
+""")
+
+# KEYS: the values, then their waiter flags. ARGV[1] our marker, ARGV[2] channel, ARGV[3] node.
+_RELEASE_MANY = Script("""
+local n = #KEYS / 2
+local waited = {}
+for i = 1, n do
+  if redis.call('GET', KEYS[i]) == ARGV[1] then
+    redis.call('DEL', KEYS[i])
+    if redis.call('DEL', KEYS[n + i]) == 1 then waited[#waited + 1] = KEYS[i] end
+  end
+end
+if #waited > 0 then redis.call('PUBLISH', ARGV[2], cjson.encode({n = ARGV[3], f = waited})) end
+return 0
+""")
+
+
+def fill_many(
+    keys: Sequence[str], marker: bytes, datas: Sequence[bytes], ttl_ms: int, channel: str, node_id: str
+) -> RedisOp:
+    flags = [waiters_key(k) for k in keys]
+    return RedisOp(
+        ("EVALSHA", _FILL_MANY.sha, 2 * len(keys), *keys, *flags, marker, ttl_ms, channel, node_id, *datas),
+        None,
+        _FILL_MANY,
+    )
+
+
+def release_many(keys: Sequence[str], marker: bytes, channel: str, node_id: str) -> RedisOp:
+    flags = [waiters_key(k) for k in keys]
+    return RedisOp(
+        ("EVALSHA", _RELEASE_MANY.sha, 2 * len(keys), *keys, *flags, marker, channel, node_id), None, _RELEASE_MANY
+    )
 
 
 def versions(keys: Sequence[str]) -> RedisOp:

@@ -26,7 +26,7 @@ from redis.retry import Retry
 
 from ._coherence import Bus
 from ._flight import Flight
-from ._flow import CALL, Flow, Spawn, Wait
+from ._flow import CALL, CallWith, Flow, Spawn, Wait
 from ._metrics import RateLimitedLog
 from ._remote import RedisOp, RemoteFailure, ack, read_seq
 
@@ -116,7 +116,7 @@ def _forget_workers() -> None:
 os.register_at_fork(after_in_child=_forget_workers)
 
 
-def drive(flow: Flow, remote: SyncRedis | None, call: Callable[[], Any] | None) -> Any:
+def drive(flow: Flow, remote: SyncRedis | None, call: Callable[..., Any] | None) -> Any:
     """Run ``flow`` to its end, doing each step it yields, and return what it returns."""
     reply: Any = None
     error: BaseException | None = None
@@ -129,6 +129,8 @@ def drive(flow: Flow, remote: SyncRedis | None, call: Callable[[], Any] | None) 
         try:
             if step is CALL:
                 reply = call()  # type: ignore[misc]
+            elif type(step) is CallWith:
+                reply = call(step.arg)  # type: ignore[misc]
             elif type(step) is Wait:
                 wait(step.flight, step.timeout)
             elif type(step) is Spawn:

@@ -1,0 +1,156 @@
+"""``@tiered_batch``: cache a function that computes many items in one call (embeddings,
+vector lookups, bulk API requests) item by item.
+
+The function takes a list of items as its first argument and returns one result per item,
+in order. Each item has its own key (the item and the call's other arguments), so a later
+call with a different batch, or a single item, finds what earlier batches stored. A call
+looks every item up in L1, reads the rest from Redis in one pipelined round trip, and calls
+the function once with only the items that missed both, then stores their results with one
+script. Duplicates in the input are looked up and computed once.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Generic, ParamSpec, TypeVar
+
+from . import _async, _sync
+from ._cache import TieredCache, _positive
+from ._coherence import WriteResult
+from ._flow import Policy
+from ._keys import canonical_bytes, digest, function_prefix
+from .errors import ConfigError
+
+__all__ = ["BatchFunction", "tiered_batch"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class BatchFunction(Generic[P, T]):
+    """What ``@tiered_batch`` makes of a function: call it like the function (``await`` it for
+    an ``async def``); ``.keys(items, ...)`` and ``.invalidate(items, ...)`` work per item.
+
+    Example:
+        >>> cache = TieredCache(namespace="docs-batch")
+        >>> seen = []
+        >>> @tiered_batch(cache)
+        ... def lengths(words: list[str]) -> list[int]:
+        ...     seen.append(list(words))
+        ...     return [len(w) for w in words]
+        >>> lengths(["a", "bb"]), lengths(["bb", "ccc", "a", "ccc"]), seen
+        ([1, 2], [2, 3, 1, 3], [['a', 'bb'], ['ccc']])
+    """
+
+    def __init__(self, fn: Callable[..., Any], cache: TieredCache, policy: Policy, prefix: str) -> None:
+        self._fn = fn
+        self._cache = cache
+        self._core = cache._core
+        self._policy = policy
+        self._prefix = prefix
+        self._signature = inspect.signature(fn)
+        params = list(self._signature.parameters.values())
+        if not params or params[0].kind not in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD):
+            raise ConfigError(f"@tiered_batch needs a function whose first parameter takes the items, got {fn!r}")
+        self._items_param = params[0].name
+        self._is_async = inspect.iscoroutinefunction(fn)
+        self.cache = cache
+        self.__wrapped__ = fn
+        functools.update_wrapper(self, fn)
+
+    def _prepare(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[str], list[str], list[Any], Any]:
+        """(each item's key, the distinct keys, their items, how to call the function on a subset)."""
+        try:
+            bound = self._signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"{self._fn.__qualname__}() {exc}") from None
+        bound.apply_defaults()
+        items = bound.arguments[self._items_param]
+        if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
+            raise TypeError(
+                f"{self._fn.__qualname__}(): {self._items_param}= must be a list of items, got {type(items).__name__}"
+            )
+        others = [(k, v) for k, v in bound.arguments.items() if k != self._items_param]
+        context = canonical_bytes(others, "argument")
+        keys = [
+            self._prefix + "{" + digest(canonical_bytes(item, f"{self._items_param}[{i}]") + context) + "}"
+            for i, item in enumerate(items)
+        ]
+        distinct: dict[str, Any] = {}
+        for key, item in zip(keys, items, strict=True):
+            distinct.setdefault(key, item)
+
+        def call(subset: list[Any]) -> Any:
+            bound.arguments[self._items_param] = subset
+            return self._fn(*bound.args, **bound.kwargs)
+
+        return keys, list(distinct), list(distinct.values()), call
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> T:
+        keys, distinct, items, call = self._prepare(args, kwargs)
+        flow = self._core.read_batch(distinct, items, self._policy, self._policy.name)
+        if self._is_async:
+            return self._acall(keys, flow, call)  # type: ignore[return-value]
+        results = _sync.drive(flow, self._cache._sync, call)
+        return [results[k] for k in keys]  # type: ignore[return-value]
+
+    async def _acall(self, keys: list[str], flow: Any, call: Callable[[list[Any]], Awaitable[Any]]) -> list[Any]:
+        results = await _async.drive(flow, self._cache._async, call)
+        return [results[k] for k in keys]
+
+    def keys(self, *args: P.args, **kwargs: P.kwargs) -> list[str]:
+        """The Redis key of each item of this call."""
+        return self._prepare(args, kwargs)[0]
+
+    def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> Any:
+        """Drop these items' entries from Redis and every process's L1 (awaitable for async)."""
+        flow = self._core.delete(self._prepare(args, kwargs)[1], None)
+        if self._is_async:
+            return _async.drive(flow, self._cache._async, None)
+        result: WriteResult = _sync.drive(flow, self._cache._sync, None)
+        return result
+
+    def __repr__(self) -> str:
+        return f"<tiered_batch {self._fn.__module__}.{self._fn.__qualname__}>"
+
+
+def tiered_batch(
+    cache: TieredCache,
+    *,
+    ttl: float | None = None,
+    l1_ttl: float | None = None,
+    name: str | None = None,
+    ttl_jitter: float = 0.0,
+) -> Callable[[Callable[P, T]], BatchFunction[P, T]]:
+    """Cache a batch function item by item (see the module docstring).
+
+    Args:
+        cache: the :class:`TieredCache` to use.
+        ttl: seconds in Redis for each item's entry (default: the cache's ``ttl``).
+        l1_ttl: at most this many seconds in L1 (default: the cache's ``l1_ttl``).
+        name: replaces ``module.qualname`` in the keys.
+        ttl_jitter: up to this fraction of ``ttl`` is taken off each fill's TTL at random.
+    """
+    if not isinstance(cache, TieredCache):
+        raise ConfigError(f"tiered_batch(cache=...) needs a TieredCache, got {cache!r}")
+    _positive("ttl", ttl, optional=True)
+    _positive("l1_ttl", l1_ttl, allow_zero=True, optional=True)
+    if not isinstance(ttl_jitter, (int, float)) or not 0 <= ttl_jitter < 1:
+        raise ConfigError(f"ttl_jitter={ttl_jitter!r} must be a fraction in [0, 1), e.g. 0.1")
+
+    def decorate(fn: Callable[P, T]) -> BatchFunction[P, T]:
+        if not callable(fn):
+            raise ConfigError(f"@tiered_batch needs a function, got {fn!r}")
+        qualname = f"{fn.__module__}.{fn.__qualname__}"
+        core = cache._core
+        policy = Policy(
+            qualname,
+            core.ttl if ttl is None else ttl,
+            core.l1_ttl if l1_ttl is None else l1_ttl,
+            ttl_jitter=ttl_jitter,
+        )
+        return BatchFunction(fn, cache, policy, function_prefix(cache.namespace, name or qualname))
+
+    return decorate
