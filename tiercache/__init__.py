@@ -20,6 +20,7 @@ from ._cache import AsyncCacheView, TieredCache
 from ._codec import JsonSerializer, MsgpackSerializer, PickleSerializer
 from ._coherence import WriteResult
 from ._decorator import AsyncTieredFunction, TieredFunction, tiered
+from ._keys import json_key, llm_key
 from ._metrics import CacheStats
 from ._types import MISSING, Serializer
 from .errors import (
@@ -52,6 +53,8 @@ __all__ = [
     "TieredFunction",
     "ValueTooLargeError",
     "WriteResult",
+    "json_key",
+    "llm_key",
     "tiered",
     "tiered_batch",
 ]

@@ -13,6 +13,7 @@ import datetime as dt
 import decimal
 import enum
 import inspect
+import math
 import re
 import struct
 import uuid
@@ -29,6 +30,9 @@ __all__ = [
     "canonical_bytes",
     "digest",
     "function_prefix",
+    "json_key",
+    "llm_key",
+    "normalize_json",
     "scoped_key",
     "version_key",
     "user_key",
@@ -219,6 +223,63 @@ def scoped_key(key: str, tenant: str | None, versions: list[int]) -> str:
     scope = canonical_bytes((tenant, versions), "scope")
     i = key.rindex("{")
     return key[:i] + "s" + xxhash.xxh3_128_hexdigest(scope) + ":" + key[i:]
+
+
+#: Request fields that do not change an LLM's answer, left out of ``llm_key``.
+LLM_IGNORED = frozenset({"stream", "stream_options", "user", "timeout", "request_timeout", "extra_headers", "metadata"})
+
+
+def normalize_json(value: Any, path: str = "request") -> Any:
+    """A JSON-like value in canonical form, for keys: mappings with sorted string keys, lists as
+    tuples, floats that are whole numbers as ints (``1.0`` and ``1`` are the same JSON
+    number), ``-0.0`` as ``0``. Raises KeyEncodingError for NaN, infinities, non-string
+    mapping keys and anything JSON cannot hold, naming where it is."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise KeyEncodingError(f"{path} is {value!r}: not a JSON number")
+        return int(value) if value.is_integer() else value
+    if isinstance(value, Mapping):
+        items = []
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise KeyEncodingError(f"{path} has a non-string key {k!r}: JSON object keys are strings")
+            items.append((k, normalize_json(v, f"{path}[{k!r}]")))
+        return ("{}", tuple(sorted(items)))
+    if isinstance(value, (list, tuple)):
+        return tuple(normalize_json(v, f"{path}[{i}]") for i, v in enumerate(value))
+    raise KeyEncodingError(f"{path} is a {type(value).__qualname__}: not JSON (dict, list, str, number, bool, None)")
+
+
+def json_key(value: Any) -> str:
+    """A stable key for a JSON-like request body: equal bodies (key order, ``1`` vs ``1.0``
+    aside) give equal keys, different ones never do. ``"json:" + xxh3-128``.
+
+    Example:
+        >>> json_key({"q": "cats", "k": 10}) == json_key({"k": 10.0, "q": "cats"})
+        True
+    """
+    return "json:" + digest(canonical_bytes(normalize_json(value)))
+
+
+def llm_key(model: str, messages: Any, **params: Any) -> str:
+    """A stable key for an LLM call: the model, the messages (role, content, tool calls, as
+    given) and the sampling parameters; ``None`` parameters and those in ``LLM_IGNORED``
+    (``stream``, ``user``, ``timeout``, ...) are left out. ``"llm:" + xxh3-128``.
+
+    Example:
+        >>> a = llm_key("gpt-x", [{"role": "user", "content": "hi"}], temperature=0, stream=True)
+        >>> a == llm_key("gpt-x", [{"content": "hi", "role": "user"}], temperature=0.0)
+        True
+    """
+    if not isinstance(model, str) or not model:
+        raise KeyEncodingError(f"model={model!r} must be a non-empty str")
+    kept = {k: v for k, v in params.items() if v is not None and k not in LLM_IGNORED}
+    body = {"model": model, "messages": messages, "params": kept}
+    return "llm:" + digest(canonical_bytes(normalize_json(body)))
 
 
 class KeyMaker:
