@@ -74,8 +74,9 @@ class BatchFunction(Generic[P, T]):
             )
         others = [(k, v) for k, v in bound.arguments.items() if k != self._items_param]
         context = canonical_bytes(others, "argument")
+        root = self._core.keyspace.root
         keys = [
-            self._prefix + "{" + digest(canonical_bytes(item, f"{self._items_param}[{i}]") + context) + "}"
+            root + self._prefix + "{" + digest(canonical_bytes(item, f"{self._items_param}[{i}]") + context) + "}"
             for i, item in enumerate(items)
         ]
         distinct: dict[str, Any] = {}
@@ -151,6 +152,7 @@ def tiered_batch(
             core.l1_ttl if l1_ttl is None else l1_ttl,
             ttl_jitter=ttl_jitter,
         )
-        return BatchFunction(fn, cache, policy, function_prefix(cache.namespace, name or qualname))
+        function_prefix(cache.namespace, name or qualname)  # validates the name
+        return BatchFunction(fn, cache, policy, f"f:{name or qualname}:")
 
     return decorate

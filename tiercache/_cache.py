@@ -9,6 +9,7 @@ import inspect
 import logging
 import math
 import os
+import re
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -25,7 +26,7 @@ from . import _async, _sync
 from ._codec import Codec, MsgpackSerializer
 from ._coherence import WriteResult
 from ._flow import Core, Flow
-from ._keys import FORMAT_VERSION, user_key, validate_namespace, version_key
+from ._keys import FORMAT_VERSION, validate_namespace, version_key
 from ._local import LocalCache
 from ._metrics import CacheStats
 from ._types import MISSING, Serializer
@@ -196,7 +197,7 @@ class TieredCache:
 
     def key(self, key: str) -> str:
         """The Redis key that ``get``/``set``/``delete`` use for the user key ``key``."""
-        return user_key(self.namespace, key)
+        return self._core.keyspace.user_key(key)
 
     def ready(self, timeout: float = 5.0) -> bool:
         """Wait until L1 may be served: the invalidation subscriber is subscribed.
@@ -250,6 +251,13 @@ class TieredCache:
         flow = self._core.bump(self._version_keys("tag", tags), self._wait(wait, timeout))
         return _sync.drive(flow, self._sync, None)  # type: ignore[no-any-return]
 
+    def clear(self, wait: bool = False, timeout: float | None = None) -> WriteResult:
+        """Drop every entry of this namespace (decorated functions, ``cache.set`` keys, every
+        tenant), in Redis and in every process's L1, in O(1): the namespace moves to a new
+        generation, so every key changes, and the old entries expire by their TTL. See
+        ``set`` for ``wait``. (A ``coherent=False`` process learns of it when it restarts.)"""
+        return _sync.drive(self._core.clear(self._wait(wait, timeout)), self._sync, None)  # type: ignore[no-any-return]
+
     def invalidate_tenant(self, tenant: str, wait: bool = False, timeout: float | None = None) -> WriteResult:
         """Invalidate every entry of ``tenant`` (decorated calls and ``cache.get/set`` keys made
         in its scope), in every process, in O(1)."""
@@ -276,7 +284,7 @@ class TieredCache:
     # -- flows shared by the sync methods and cache.aio --------------------------------------
 
     def _user(self, key: str) -> tuple[str, str | None, list[str]]:
-        base = user_key(self.namespace, key)
+        base = self._core.keyspace.user_key(key)
         tenant = None if self._tenant_var is None else self._tenant_var.get()
         return base, tenant, [] if tenant is None else [version_key(self.namespace, "tenant", tenant)]
 
@@ -375,13 +383,9 @@ class TieredCache:
         await self.aclose()
 
     def _own(self, redis_keys: tuple[str, ...]) -> tuple[str, ...]:
-        prefix = f"tc:{self.namespace}:{FORMAT_VERSION}:"
+        own = re.compile(re.escape(f"tc:{self.namespace}:{FORMAT_VERSION}:") + r"(g[0-9a-f]+:)?[fk]:")
         for k in redis_keys:
-            if (
-                not isinstance(k, str)
-                or not k.startswith(prefix)
-                or k[len(prefix) : len(prefix) + 2] not in ("f:", "k:")
-            ):
+            if not isinstance(k, str) or not own.match(k):
                 raise KeyEncodingError(
                     f"invalidate({k!r}): not a key of namespace {self.namespace!r}; pass f.key(...) "
                     "of a decorated function or cache.key(user_key), or use cache.delete(user_key)"
@@ -435,6 +439,11 @@ class AsyncCacheView:
         c = self._cache
         flow = c._core.bump(c._version_keys("tag", tags), c._wait(wait, timeout))
         return await _async.drive(flow, c._async, None)  # type: ignore[no-any-return]
+
+    async def clear(self, wait: bool = False, timeout: float | None = None) -> WriteResult:
+        """``cache.clear`` without blocking the event loop."""
+        c = self._cache
+        return await _async.drive(c._core.clear(c._wait(wait, timeout)), c._async, None)  # type: ignore[no-any-return]
 
     async def invalidate_tenant(self, tenant: str, wait: bool = False, timeout: float | None = None) -> WriteResult:
         """``cache.invalidate_tenant`` without blocking the event loop."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ._flight import FlightTable
@@ -57,7 +57,15 @@ class WriteResult:
 class Bus:
     """The subscriber's view: whether L1 may be trusted, the last sequence seen, pending acks."""
 
-    def __init__(self, channel: str, node_id: str, flights: FlightTable, log: RateLimitedLog) -> None:
+    def __init__(
+        self,
+        channel: str,
+        node_id: str,
+        flights: FlightTable,
+        log: RateLimitedLog,
+        on_generation: Callable[[str], None] = lambda generation: None,
+    ) -> None:
+        self._on_generation = on_generation
         self.node_id = node_id
         self.channel = channel
         self._flights = flights
@@ -76,9 +84,11 @@ class Bus:
 
     # -- subscriber events ------------------------------------------------------------------
 
-    def subscribed(self, base_seq: int) -> None:
-        """The subscription is confirmed and ``base_seq`` read after it: trust L1 again,
-        starting empty (messages may have been lost while we were not subscribed)."""
+    def subscribed(self, base_seq: int, generation: str = "") -> None:
+        """The subscription is confirmed and ``base_seq`` (and the namespace's ``generation``)
+        read after it: trust L1 again, starting empty (messages may have been lost while we
+        were not subscribed)."""
+        self._on_generation(generation)
         self.last_seq = base_seq
         self._base = base_seq
         self._past_base = False
@@ -106,7 +116,9 @@ class Bus:
                 filled.extend(msg)
                 continue
             self.messages += 1
-            seq, origin, msg_keys, ack_key = msg
+            seq, origin, msg_keys, ack_key, generation = msg
+            if generation is not None:
+                self._on_generation(generation)  # the namespace was cleared: new keys, L1 flushed
             if self.last_seq is None:
                 pass  # not subscribed (a test may feed messages directly)
             elif not self._past_base and seq <= self._base:
@@ -133,7 +145,7 @@ class Bus:
             self._flights.announced(filled)
         return acks
 
-    def _parse(self, payload: bytes) -> tuple[int, str, list[str], str] | list[str] | None:
+    def _parse(self, payload: bytes) -> tuple[int, str, list[str], str, str | None] | list[str] | None:
         """An invalidation as ``(seq, origin, keys, ack list)``; a fill announcement as its keys."""
         try:
             msg: Any = json.loads(payload)
@@ -142,7 +154,8 @@ class Bus:
             seq, origin, keys = int(msg["s"]), str(msg["n"]), msg["k"]
             if not isinstance(keys, list):  # cjson encodes an empty table as {}
                 keys = []
-            return seq, origin, [str(k) for k in keys], str(msg.get("a") or "")
+            generation = str(msg["g"]) if "g" in msg else None
+            return seq, origin, [str(k) for k in keys], str(msg.get("a") or ""), generation
         except (ValueError, KeyError, TypeError) as exc:
             # We cannot tell what it invalidated, so anything may be stale.
             self._log.emit("bad-message", "tiercache: malformed invalidation message (%r): flushing L1", exc)

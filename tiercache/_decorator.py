@@ -20,7 +20,7 @@ from . import _async, _sync
 from ._cache import TieredCache, _positive
 from ._coherence import WriteResult
 from ._flow import CALL, Flow, Policy
-from ._keys import KeyMaker, canonical_bytes, digest, function_prefix, scoped_key, user_key, version_key
+from ._keys import KeyMaker, KeySpace, canonical_bytes, digest, function_prefix, scoped_key, version_key
 from .errors import BackendError, ConfigError
 
 __all__ = ["AsyncTieredFunction", "TieredFunction", "tiered"]
@@ -106,7 +106,8 @@ class _Tiered:
         scoped = tags is not None or tenant is not None or cache._tenant_var is not None
         self._scope = _Scope(cache, tags, tenant) if scoped else None
         self._policy = Policy(qualname, ttl, self._core.l1_ttl if l1_ttl is None else l1_ttl, **options)
-        self._prefix = function_prefix(cache.namespace, name or qualname)
+        function_prefix(cache.namespace, name or qualname)  # validates the name
+        self._prefix = f"f:{name or qualname}:"  # after the namespace's (generation's) root
         self._keyfn: _KeyFn
         self._binding = ""
         # A first parameter named ``self`` makes a method, wherever the function is defined
@@ -176,9 +177,9 @@ class _Tiered:
             return
         self._binding = binding
         if self._custom_key is None:
-            self._keyfn = KeyMaker(self._fn, self._prefix, skip_first=binding == "method")
+            self._keyfn = KeyMaker(self._fn, self._prefix, skip_first=binding == "method", space=self._core.keyspace)
         else:
-            self._keyfn = _custom_key(self._custom_key, self._cache.namespace, self._prefix)
+            self._keyfn = _custom_key(self._custom_key, self._core.keyspace, self._prefix)
         self._call = self._make_call()
 
     def _make_call(self) -> Callable[..., Any]:
@@ -616,11 +617,11 @@ def _first_param(fn: Callable[..., Any]) -> str | None:
     return params[0] if params else None
 
 
-def _custom_key(key: Callable[..., Any], namespace: str, prefix: str) -> _KeyFn:
+def _custom_key(key: Callable[..., Any], space: KeySpace, prefix: str) -> _KeyFn:
     def derive(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         k = key(*args, **kwargs)
         if isinstance(k, str):
-            return user_key(namespace, k)
-        return prefix + "{" + digest(canonical_bytes(k, "key()")) + "}"
+            return space.user_key(k)
+        return space.root + prefix + "{" + digest(canonical_bytes(k, "key()")) + "}"
 
     return derive

@@ -23,7 +23,7 @@ from . import _remote
 from ._codec import Codec
 from ._coherence import Bus, WriteResult
 from ._flight import Flight, FlightTable
-from ._keys import scoped_key
+from ._keys import KeySpace, scoped_key
 from ._local import LocalCache
 from ._metrics import CacheStats, Counters, RateLimitedLog
 from ._remote import FAILED, LEASE_PREFIX, Breaker, PoolBusy, RedisOp, RemoteFailure
@@ -225,6 +225,9 @@ class Core:
         # in different databases must not hear (or count, or acknowledge) each other.
         self.channel = f"tc:{namespace}:inval:{db}"
         self.seq_key = f"tc:{namespace}:seq"
+        self.gen_key = f"tc:{namespace}:gen"
+        #: The namespace's key roots at its current generation (see ``clear``).
+        self.keyspace = KeySpace(namespace)
         self.counters = Counters()
         self.flights = FlightTable(local)
         #: Tag and tenant versions of an L1-only cache (no Redis to keep them in).
@@ -237,7 +240,11 @@ class Core:
         self.log = RateLimitedLog(clock=clock)
         #: The invalidation bus, when other processes can share this namespace. Until its
         #: subscriber confirms a subscription, L1 takes no entries (invariant 4).
-        self.bus = Bus(self.channel, self.node_id, self.flights, self.log) if has_remote and coherent else None
+        self.bus = (
+            Bus(self.channel, self.node_id, self.flights, self.log, self.apply_generation)
+            if has_remote and coherent
+            else None
+        )
         if self.bus is not None:
             self.flights.flush(accepting=False)
 
@@ -765,6 +772,31 @@ class Core:
         if key is None:
             return otherwise
         return (yield from then(key))
+
+    def apply_generation(self, generation: str) -> None:
+        """Adopt the namespace's generation (from the bus, or our own ``clear``): new keys
+        from now on, and L1 emptied (loads in flight dirtied) since it holds the old ones."""
+        if self.keyspace.advance(generation):
+            self.flights.flush(accepting=self.local.accepting)
+
+    def clear(self, wait: float | None) -> Flow:
+        """Drop every entry of the namespace in every process, in O(1): a new generation, so
+        every key changes; the old entries are never read again and expire by their TTL."""
+        generation = secrets.token_hex(6)
+        if not self.has_remote:
+            self.apply_generation(generation)
+            return WriteResult(None, None, None)
+        ack_key = f"tc:{self.namespace}:ack:{secrets.token_hex(8)}" if wait is not None else ""
+        op = _remote.clear(self.seq_key, self.gen_key, self.channel, self.node_id, generation, ack_key)
+        reply = self._settle(op, (yield op) if self._allow() else _SKIPPED)
+        if reply is FAILED:
+            return WriteResult(None, None, None)
+        self.apply_generation(generation)
+        seq, receivers = reply
+        if wait is None:
+            return WriteResult(seq, receivers)
+        acknowledged = yield from self._await_acks(ack_key, receivers, wait)
+        return WriteResult(seq, receivers, acknowledged)
 
     def bump(self, names: Sequence[str], wait: float | None) -> Flow:
         """Invalidate every entry scoped by ``names`` (tags, tenants) at once: increment their

@@ -17,6 +17,7 @@ import math
 import re
 import struct
 import uuid
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -27,6 +28,7 @@ from .errors import ConfigError, KeyEncodingError
 __all__ = [
     "FORMAT_VERSION",
     "KeyMaker",
+    "KeySpace",
     "canonical_bytes",
     "digest",
     "function_prefix",
@@ -293,12 +295,29 @@ class KeyMaker:
     ``f(x=1)`` share a key), encode canonically, digest.
     """
 
-    __slots__ = ("_memo", "_params", "_prefix", "_qualname", "_signature", "_skip_first", "single")
+    __slots__ = (
+        "__weakref__",
+        "_memo",
+        "_params",
+        "_prefix",
+        "_qualname",
+        "_signature",
+        "_skip_first",
+        "_space",
+        "single",
+    )
 
-    def __init__(self, fn: Callable[..., Any], prefix: str, *, skip_first: bool = False) -> None:
+    def __init__(
+        self, fn: Callable[..., Any], prefix: str, *, skip_first: bool = False, space: KeySpace | None = None
+    ) -> None:
         self._signature = inspect.signature(fn)
         self._params = list(self._signature.parameters.values())
+        #: With ``space``, the part of the prefix after the space's root (which changes when
+        #: the namespace is cleared); else the whole prefix.
         self._prefix = prefix
+        self._space = space
+        if space is not None:
+            space.register(self)
         self._qualname = getattr(fn, "__qualname__", repr(fn))
         self._skip_first = skip_first
         self._memo: dict[Any, str] = {}
@@ -316,24 +335,36 @@ class KeyMaker:
             lk: Any = (_KW, args, tuple(map(type, args)), tuple(kwargs.items()), tuple(map(type, kwargs.values())))
         else:
             lk = args + tuple(map(type, args))
+        # The memos are taken before the key is derived: when the namespace is cleared, the
+        # new root is set before the memos are replaced, so a key derived with the old root
+        # can only land in a memo that is already discarded.
+        memo = self._memo
+        single = self.single.get(type(args[0])) if len(args) == 1 and not kwargs and not self._skip_first else None
         try:
-            return self._memo[lk]
+            return memo[lk]
         except KeyError:
             pass
         except TypeError:  # unhashable argument: no memo, full path every time
             return self._derive_unbound(args, kwargs)
         key = self._derive_unbound(args, kwargs)
-        if len(args) == 1 and not kwargs and not self._skip_first:
-            single = self.single.get(type(args[0]))
-            if single is not None:
-                if len(single) >= _MEMO_LIMIT:
-                    single.clear()
-                single[args[0]] = key
+        if single is not None:
+            if len(single) >= _MEMO_LIMIT:
+                single.clear()
+            single[args[0]] = key
         if _MEMO_SAFE.issuperset(map(type, args)) and _MEMO_SAFE.issuperset(map(type, kwargs.values())):
-            if len(self._memo) >= _MEMO_LIMIT:
-                self._memo.clear()
-            self._memo[lk] = key
+            if len(memo) >= _MEMO_LIMIT:
+                memo.clear()
+            memo[lk] = key
         return key
+
+    def reset(self) -> None:
+        """Forget every memoized key (the namespace's root changed)."""
+        self._memo = {}
+        for t in self.single:
+            self.single[t] = {}
+
+    def prefix(self) -> str:
+        return self._prefix if self._space is None else self._space.root + self._prefix
 
     def _derive_unbound(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         if self._skip_first:
@@ -359,7 +390,43 @@ class KeyMaker:
                 _encode(value, out, f"argument {param.name!r}")
             except KeyEncodingError as exc:
                 raise KeyEncodingError(f"{self._qualname}(): {exc}") from None
-        return self._prefix + "{" + digest(bytes(out)) + "}"
+        return self.prefix() + "{" + digest(bytes(out)) + "}"
+
+
+class KeySpace:
+    """A namespace's keys at its current generation.
+
+    ``cache.clear()`` sets a new generation token (in Redis, ``tc:{ns}:gen``) and every
+    process adopts it: keys are then ``tc:{ns}:v1:g<token>:...``, so every entry written
+    before is never read again (it expires by its TTL): a whole-namespace flush in O(1),
+    with no KEYS or SCAN. Generation "" (never cleared) keeps the plain ``tc:{ns}:v1:``.
+    """
+
+    __slots__ = ("_makers", "generation", "namespace", "root")
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+        self.generation = ""
+        self.root = f"tc:{namespace}:{FORMAT_VERSION}:"
+        self._makers: weakref.WeakSet[KeyMaker] = weakref.WeakSet()
+
+    def register(self, maker: KeyMaker) -> None:
+        self._makers.add(maker)
+
+    def advance(self, generation: str) -> bool:
+        """Adopt ``generation``; True if it changed. The root changes first, then every
+        registered KeyMaker forgets its memos (see ``KeyMaker.__call__``)."""
+        if generation == self.generation:
+            return False
+        self.generation = generation
+        self.root = f"tc:{self.namespace}:{FORMAT_VERSION}:" + (f"g{generation}:" if generation else "")
+        for maker in list(self._makers):
+            maker.reset()
+        return True
+
+    def user_key(self, key: str) -> str:
+        """``user_key`` at the current generation."""
+        return self.root + user_key(self.namespace, key)[len(f"tc:{self.namespace}:{FORMAT_VERSION}:") :]
 
 
 class _KwMarker:

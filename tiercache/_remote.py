@@ -22,6 +22,7 @@ __all__ = [
     "abandon_refresh",
     "ack",
     "await_ack",
+    "clear",
     "begin_refresh",
     "fetch",
     "fetch_many",
@@ -406,9 +407,27 @@ def versions(keys: Sequence[str]) -> RedisOp:
     return RedisOp(("MGET", *keys), lambda reply: [int(v) if v else 0 for v in reply])
 
 
-def read_seq(seq_key: str) -> RedisOp:
-    """The namespace's current sequence number (0 when no write happened yet)."""
-    return RedisOp(("GET", seq_key), lambda reply: int(reply) if reply else 0)
+def read_seq(seq_key: str, gen_key: str) -> RedisOp:
+    """The namespace's current sequence number (0 when no write happened yet) and generation
+    ("" when it was never cleared)."""
+    return RedisOp(("MGET", seq_key, gen_key), lambda r: (int(r[0]) if r[0] else 0, r[1].decode() if r[1] else ""))
+
+
+# KEYS[1] the sequence counter, KEYS[2] the generation. ARGV[1] node id, ARGV[2] channel,
+# ARGV[3] the new generation, ARGV[4] ack list ('' none): clear the whole namespace.
+_CLEAR = Script("""
+redis.call('SET', KEYS[2], ARGV[3])
+local seq = redis.call('INCR', KEYS[1])
+local receivers = redis.call('PUBLISH', ARGV[2], cjson.encode({n = ARGV[1], s = seq, k = {}, g = ARGV[3], a = ARGV[4]}))
+return {seq, receivers}
+""")
+
+
+def clear(seq_key: str, gen_key: str, channel: str, node_id: str, generation: str, ack_key: str = "") -> RedisOp:
+    """Start a new generation of the namespace; parses to ``(seq, receivers)``."""
+    return RedisOp(
+        ("EVALSHA", _CLEAR.sha, 2, seq_key, gen_key, node_id, channel, generation, ack_key), _parse_write, _CLEAR
+    )
 
 
 class Breaker:

@@ -177,6 +177,7 @@ class Subscriber:
         self._remote = remote
         self._bus = bus
         self._seq_key = seq_key
+        self._gen_key = seq_key.removesuffix("seq") + "gen"
         self._interval = interval
         self._deadline = deadline
         self._log = log
@@ -232,10 +233,10 @@ class Subscriber:
                     reply = conn.read_response(push_request=True)
                     if not (isinstance(reply, list) and reply and reply[0] == b"subscribe"):
                         raise redis.ResponseError(f"unexpected reply to SUBSCRIBE: {reply!r}")
-                base = self._remote.execute(read_seq(self._seq_key))
+                base, generation = self._remote.execute(read_seq(self._seq_key, self._gen_key))
                 if self._stopping.is_set():
                     break
-                self._bus.subscribed(base)
+                self._bus.subscribed(base, generation)
                 subscribed_at = time.monotonic()
                 self._listen(conn)
             except Exception as exc:  # noqa: BLE001 - this thread must outlive anything a socket does
