@@ -76,6 +76,12 @@ class TieredCache:
             the others wait for its result, at most this long: a holder that dies costs
             that much, and a load slower than this is not stored. Keep it above your
             slowest function's usual time.
+        coalesce_reads: async reads (L2 lookups) issued by different tasks in the same
+            event-loop iteration go to Redis as one pipeline on one connection
+            (DataLoader-style): fewer round trips and connections under high concurrency, one
+            loop iteration of delay per read. On by default: measured here (bench_coalesce.py),
+            2.4x the calls per second with 10 concurrent tasks and 5x with 100, at the same
+            rate for a single task.
         tenants: keys depend on the current tenant, set with ``with cache.tenant("acme"):``
             (a context variable, so it follows threads' and tasks' contexts): entries of
             different tenants never share a key, and ``cache.invalidate_tenant("acme")``
@@ -120,6 +126,7 @@ class TieredCache:
         pool_timeout: float = 1.0,
         lease_ttl: float = 10.0,
         tenants: bool = False,
+        coalesce_reads: bool = True,
         breaker_threshold: int = 5,
         breaker_cooldown: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
@@ -164,6 +171,8 @@ class TieredCache:
             url, client, async_client, socket_timeout, connect_timeout, pool_size, pool_timeout
         )
         has_remote = self._sync is not None
+        if self._async is not None:
+            self._async.coalesce = coalesce_reads
         if not has_remote:
             logger.info("tiercache: no Redis configured for namespace %r: L1 only", namespace)
         self._core = Core(

@@ -17,8 +17,10 @@ pytestmark = [pytest.mark.redis, pytest.mark.slow]
     [
         ["benchmarks/bench_core.py", "--quick", "--only", "l1,l2,miss"],
         ["benchmarks/bench_coherence.py", "--quick"],
+        ["benchmarks/bench_stampede.py", "--quick"],
+        ["benchmarks/bench_coalesce.py", "--quick"],
     ],
-    ids=["bench_core", "bench_coherence"],
+    ids=["bench_core", "bench_coherence", "bench_stampede", "bench_coalesce"],
 )
 def test_benchmark_runs(command: list[str]) -> None:
     proc = subprocess.run(

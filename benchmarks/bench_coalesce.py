@@ -1,0 +1,108 @@
+#!/usr/bin/env python3
+"""Does coalescing concurrent reads (``coalesce_reads``) pay? Async L2 hits, with and without.
+
+    .venv/bin/python benchmarks/bench_coalesce.py            # full run (about half a minute)
+    .venv/bin/python benchmarks/bench_coalesce.py --quick    # smoke test
+
+N concurrent tasks each read their own key through a decorated ``async def`` with L1 turned
+off (``l1_maxsize=0``), so every call is an L2 hit: one pipelined ``SET NX GET`` + ``PTTL``.
+Without coalescing every call is its own round trip on a pooled connection; with it, the reads
+issued in one event-loop iteration go to Redis as one pipeline on one connection. Printed:
+calls per second, the median call latency, and round trips (socket writes, counted by
+wrapping the pool's connections), as medians over ``--repeats`` rounds that alternate the two
+settings. Starts its own throwaway redis-server (never the one on 6379).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_core import RedisServer  # noqa: E402
+
+from tiercache import TieredCache, tiered  # noqa: E402
+
+
+async def one_round(url: str, coalesce: bool, tasks: int, calls: int) -> tuple[float, float, float]:
+    cache = TieredCache(url, namespace=f"coalesce{int(coalesce)}", l1_maxsize=0, coalesce_reads=coalesce)
+    await cache.aio.ready(5)
+
+    @tiered(cache, name="read")
+    async def read(x: int) -> int:
+        return x
+
+    for i in range(tasks):
+        await read(i)  # fill Redis
+    writes = 0
+    assert cache._async is not None  # noqa: SLF001 - measuring the driver's pool
+    pool = cache._async._pool()[0]  # noqa: SLF001
+    get_connection = pool.get_connection
+
+    async def counted(*a: object, **kw: object) -> object:
+        nonlocal writes
+        writes += 1
+        return await get_connection(*a, **kw)
+
+    pool.get_connection = counted  # type: ignore[method-assign]
+    latencies: list[float] = []
+    per_task = max(1, calls // tasks)
+
+    async def worker(x: int) -> None:
+        for _ in range(per_task):
+            started = time.perf_counter()
+            assert await read(x) == x
+            latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(x) for x in range(tasks)))
+    wall = time.perf_counter() - started
+    await cache.aclose()
+    cache.close()
+    done = per_task * tasks
+    return done / wall, statistics.median(latencies) * 1e6, writes / done
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    repeats = 1 if args.quick else args.repeats
+    calls = 400 if args.quick else 4000
+    concurrency = (1, 10, 100) if args.quick else (1, 10, 50, 100, 200)
+    binary = shutil.which("redis-server")
+    if binary is None:
+        sys.exit("redis-server is not on PATH")
+    server = RedisServer(binary)
+    server.start()
+    try:
+        print(f"coalesce_reads: async L2 hits, {calls} calls per round, median of {repeats} rounds; redis {server.version}")
+        print(f"{'tasks':>6} {'coalesce':>9} {'calls/s':>9} {'p50 us':>9} {'conns/call':>11} {'speed-up':>9}")
+        for tasks in concurrency:
+            rows: dict[bool, list[tuple[float, float, float]]] = {False: [], True: []}
+            for r in range(repeats):
+                for coalesce in (False, True) if r % 2 == 0 else (True, False):
+                    rows[coalesce].append(asyncio.run(one_round(server.url, coalesce, tasks, calls)))
+            base = statistics.median(x[0] for x in rows[False])
+            for coalesce in (False, True):
+                rate = statistics.median(x[0] for x in rows[coalesce])
+                p50 = statistics.median(x[1] for x in rows[coalesce])
+                conns = statistics.median(x[2] for x in rows[coalesce])
+                print(f"{tasks:>6} {coalesce!s:>9} {rate:>9.0f} {p50:>9.1f} {conns:>11.2f} {rate / base:>8.2f}x")
+        print("conns/call: connections taken from the pool per call (each is one round trip).")
+    finally:
+        server.cleanup()
+
+
+if __name__ == "__main__":
+    main()
