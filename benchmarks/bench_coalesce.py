@@ -44,8 +44,8 @@ async def one_round(url: str, coalesce: bool, tasks: int, calls: int) -> tuple[f
     for i in range(tasks):
         await read(i)  # fill Redis
     writes = 0
-    assert cache._async is not None  # noqa: SLF001 - measuring the driver's pool
-    pool = cache._async._pool()[0]  # noqa: SLF001
+    assert cache._async is not None
+    pool = cache._async._pool()[0]
     get_connection = pool.get_connection
 
     async def counted(*a: object, **kw: object) -> object:
@@ -86,7 +86,7 @@ def main() -> None:
     server = RedisServer(binary)
     server.start()
     try:
-        print(f"coalesce_reads: async L2 hits, {calls} calls per round, median of {repeats} rounds; redis {server.version}")
+        print(f"coalesce_reads: async L2 hits, {calls} calls a round, {repeats} rounds; redis {server.version}")
         print(f"{'tasks':>6} {'coalesce':>9} {'calls/s':>9} {'p50 us':>9} {'conns/call':>11} {'speed-up':>9}")
         for tasks in concurrency:
             rows: dict[bool, list[tuple[float, float, float]]] = {False: [], True: []}
