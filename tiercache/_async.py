@@ -119,7 +119,7 @@ class AsyncRedis:
         try:
             pool, bound = self._pool()
             if bound is not None:
-                await bound.acquire()
+                await self._acquire(bound)
             try:
                 conn = await pool.get_connection()  # type: ignore[no-untyped-call]
             except Exception as exc:
@@ -184,17 +184,21 @@ class AsyncRedis:
             raise failure
         return mine
 
+    async def _acquire(self, bound: asyncio.Semaphore) -> None:
+        """A slot of the pool, waiting at most ``pool_timeout`` (then PoolBusy: fail open)."""
+        if bound.locked():
+            try:
+                await asyncio.wait_for(bound.acquire(), self._wait)
+            except asyncio.TimeoutError:
+                busy = redis.ConnectionError(f"no connection free within pool_timeout={self._wait} s")
+                raise PoolBusy() from busy
+        else:
+            await bound.acquire()
+
     async def _execute_bounded(self, op: RedisOp) -> Any:
         pool, bound = self._pool()
         if bound is not None:
-            if bound.locked():
-                try:
-                    await asyncio.wait_for(bound.acquire(), self._wait)
-                except asyncio.TimeoutError:
-                    busy = redis.ConnectionError(f"no connection free within pool_timeout={self._wait} s")
-                    raise PoolBusy() from busy
-            else:
-                await bound.acquire()
+            await self._acquire(bound)
         try:
             return await self._execute(pool, op)
         finally:

@@ -83,7 +83,16 @@ def test_200_concurrent_callers_on_a_pool_of_8(mode: Any, own_redis: Any, own_ra
 def test_exhausted_pool_with_a_tiny_pool_timeout_fails_open(
     mode: Any, own_redis: Any, own_raw: Any, make_cache: Any
 ) -> None:
-    cache = make_cache(url=own_redis.url, pool_size=2, pool_timeout=0.05, socket_timeout=1.5, connect_timeout=1.5)
+    # coalesce_reads=False: coalesced, the two holders would share one connection and the
+    # others would not find the pool exhausted (they would wait on the paused server instead).
+    cache = make_cache(
+        url=own_redis.url,
+        pool_size=2,
+        pool_timeout=0.05,
+        socket_timeout=1.5,
+        connect_timeout=1.5,
+        coalesce_reads=False,
+    )
     calls: list[int] = []
     f = tiered(cache, name="starved")(mode.fn(lambda x: calls.append(x) or -x))
     assert mode.call(f, 0) == 0
