@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import redis
@@ -106,9 +106,15 @@ class AsyncRedis:
         batch = self._batches[loop] = [(op, None)]
         try:
             await asyncio.sleep(0)
-        finally:
+        except BaseException:
+            # Cancelled before sending: the others' reads still go, on a task of their own.
             if self._batches.get(loop) is batch:
                 del self._batches[loop]
+            if len(batch) > 1:
+                _spawn_quietly(loop, self._execute_batch(batch[1:]))
+            raise
+        if self._batches.get(loop) is batch:
+            del self._batches[loop]
         if len(batch) == 1:
             return await self._execute_bounded(op)
         return await self._execute_batch(batch)
@@ -263,6 +269,12 @@ def _close_sockets(pool: redis.asyncio.ConnectionPool) -> None:
 
 
 _FORGOTTEN: list[Any] = []
+
+
+def _spawn_quietly(loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, Any, Any]) -> None:
+    task = loop.create_task(coroutine)
+    _TASKS.add(task)
+    task.add_done_callback(_finished)
 
 
 async def _quietly(awaitable: Awaitable[Any]) -> None:
