@@ -86,7 +86,7 @@ def main() -> None:
     server = RedisServer(binary)
     server.start()
     try:
-        print(f"tiercache coalesce_reads: async L2 hits, {calls} calls a round, {repeats} rounds; redis {server.version}")
+        print(f"tiercache coalesce_reads: async L2 hits, {calls} calls, {repeats} rounds; redis {server.version}")
         print(f"{'tasks':>6} {'coalesce':>9} {'calls/s':>9} {'p50 us':>9} {'conns/call':>11} {'speed-up':>9}")
         for tasks in concurrency:
             rows: dict[bool, list[tuple[float, float, float]]] = {False: [], True: []}

@@ -19,9 +19,9 @@ from typing import Any, Generic, ParamSpec, TypeVar
 from . import _async, _sync
 from ._cache import TieredCache, _positive
 from ._coherence import WriteResult
-from ._flow import Policy
-from ._keys import canonical_bytes, digest, function_prefix
-from .errors import ConfigError
+from ._flow import CallWith, Flow, Policy
+from ._keys import callable_name, canonical_bytes, digest, function_prefix, scoped_key, version_key
+from .errors import BackendError, ConfigError
 
 __all__ = ["BatchFunction", "tiered_batch"]
 
@@ -50,7 +50,10 @@ class BatchFunction(Generic[P, T]):
         self._core = cache._core
         self._policy = policy
         self._prefix = prefix
-        self._signature = inspect.signature(fn)
+        try:
+            self._signature = inspect.signature(fn)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"@tiered_batch cannot read the signature of {fn!r}: {exc}") from None
         params = list(self._signature.parameters.values())
         if not params or params[0].kind not in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD):
             raise ConfigError(f"@tiered_batch needs a function whose first parameter takes the items, got {fn!r}")
@@ -65,12 +68,12 @@ class BatchFunction(Generic[P, T]):
         try:
             bound = self._signature.bind(*args, **kwargs)
         except TypeError as exc:
-            raise TypeError(f"{self._fn.__qualname__}() {exc}") from None
+            raise TypeError(f"{self._policy.name}() {exc}") from None
         bound.apply_defaults()
         items = bound.arguments[self._items_param]
         if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
             raise TypeError(
-                f"{self._fn.__qualname__}(): {self._items_param}= must be a list of items, got {type(items).__name__}"
+                f"{self._policy.name}(): {self._items_param}= must be a list of items, got {type(items).__name__}"
             )
         others = [(k, v) for k, v in bound.arguments.items() if k != self._items_param]
         context = canonical_bytes(others, "argument")
@@ -89,9 +92,31 @@ class BatchFunction(Generic[P, T]):
 
         return keys, list(distinct), list(distinct.values()), call
 
+    def _flow(self, distinct: list[str], items: list[Any]) -> Flow:
+        """``read_batch`` of the distinct keys, in the current tenant's scope (if any)."""
+        var = self._cache._tenant_var
+        tenant = None if var is None else var.get()
+        if tenant is None:
+            return (yield from self._core.read_batch(distinct, items, self._policy, self._policy.name))
+        versions = yield from self._core.versions([version_key(self._cache.namespace, "tenant", tenant)])
+        if versions is None:  # the tenant's scope cannot be read: compute, cache nothing
+            values = yield CallWith(items)
+            return dict(zip(distinct, values, strict=True))
+        scoped = [scoped_key(k, tenant, versions) for k in distinct]
+        found = yield from self._core.read_batch(scoped, items, self._policy, self._policy.name)
+        return {k: found[s] for k, s in zip(distinct, scoped, strict=True)}
+
+    def _scoped_keys(self, distinct: list[str]) -> Flow:
+        var = self._cache._tenant_var
+        tenant = None if var is None else var.get()
+        if tenant is None:
+            return distinct
+        versions = yield from self._core.versions([version_key(self._cache.namespace, "tenant", tenant)])
+        return [] if versions is None else [scoped_key(k, tenant, versions) for k in distinct]
+
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> T:
         keys, distinct, items, call = self._prepare(args, kwargs)
-        flow = self._core.read_batch(distinct, items, self._policy, self._policy.name)
+        flow = self._flow(distinct, items)
         if self._is_async:
             return self._acall(keys, flow, call)  # type: ignore[return-value]
         results = _sync.drive(flow, self._cache._sync, call)
@@ -102,19 +127,31 @@ class BatchFunction(Generic[P, T]):
         return [results[k] for k in keys]
 
     def keys(self, *args: P.args, **kwargs: P.kwargs) -> list[str]:
-        """The Redis key of each item of this call."""
-        return self._prepare(args, kwargs)[0]
+        """The Redis key of each item of this call (in the current tenant's scope, whose
+        version may take a round trip to read)."""
+        keys, distinct = self._prepare(args, kwargs)[:2]
+        scoped: list[str] = _sync.drive(self._scoped_keys(distinct), self._cache._sync, None)
+        if not scoped:
+            raise BackendError("the tenant's version cannot be read from Redis")
+        mapping = dict(zip(distinct, scoped, strict=True))
+        return [mapping[k] for k in keys]
 
     def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> Any:
-        """Drop these items' entries from Redis and every process's L1 (awaitable for async)."""
-        flow = self._core.delete(self._prepare(args, kwargs)[1], None)
+        """Drop these items' entries (in the current tenant's scope) from Redis and every
+        process's L1; awaitable for an ``async def``. To wait for every process:
+        ``cache.invalidate(*f.keys(items), wait=True)``."""
+        flow = self._invalidate_flow(self._prepare(args, kwargs)[1])
         if self._is_async:
             return _async.drive(flow, self._cache._async, None)
         result: WriteResult = _sync.drive(flow, self._cache._sync, None)
         return result
 
+    def _invalidate_flow(self, distinct: list[str]) -> Flow:
+        keys = yield from self._scoped_keys(distinct)
+        return (yield from self._core.delete(keys, None))
+
     def __repr__(self) -> str:
-        return f"<tiered_batch {self._fn.__module__}.{self._fn.__qualname__}>"
+        return f"<tiered_batch {self._policy.name}>"
 
 
 def tiered_batch(
@@ -144,7 +181,7 @@ def tiered_batch(
     def decorate(fn: Callable[P, T]) -> BatchFunction[P, T]:
         if not callable(fn):
             raise ConfigError(f"@tiered_batch needs a function, got {fn!r}")
-        qualname = f"{fn.__module__}.{fn.__qualname__}"
+        qualname = callable_name(fn)
         core = cache._core
         policy = Policy(
             qualname,

@@ -340,12 +340,15 @@ class Codec:
         self._max_value = max_value_bytes
         self._max_decoded = max_decoded_bytes
         self._zstd_c = self._zstd.ZstdCompressor(level=3) if self._zstd is not None else None
+        # A ZstdDecompressor costs ~10 us to make and must not be shared between threads.
+        self._per_thread = threading.local()
         self._lock = threading.Lock()  # zstandard compressor objects are not thread-safe
 
     def reset_after_fork(self) -> None:
         """In a forked child: fresh locks (another thread may have held one at the fork)."""
         self._lock = threading.Lock()
         self._zstd_c = self._zstd.ZstdCompressor(level=3) if self._zstd is not None else None
+        self._per_thread = threading.local()
         if isinstance(getattr(self.serializer, "_lock", None), type(self._lock)):
             self.serializer._lock = threading.Lock()
 
@@ -429,7 +432,18 @@ class Codec:
                     raise CodecError(f"{key}: zlib body is truncated or has trailing bytes")
                 return bytes(out)
             if compression == _ZSTD and self._zstd is not None:
-                # A stream reader honours the limit even when the frame declares a huge size.
+                declared = self._zstd.frame_content_size(body)
+                if 0 <= declared <= self._max_decoded:
+                    # One shot into a buffer of the declared size (our frames declare it);
+                    # a frame whose data outgrows its declaration is an error, not a bomb.
+                    decompressor = getattr(self._per_thread, "zstd", None)
+                    if decompressor is None:
+                        decompressor = self._per_thread.zstd = self._zstd.ZstdDecompressor()
+                    out = decompressor.decompress(body, max_output_size=declared, allow_extra_data=False)
+                    if len(out) != declared:
+                        raise CodecError(f"{key}: zstd body does not match its declared size")
+                    return bytes(out)
+                # Unknown or huge declared size: a stream reader honours the limit anyway.
                 reader = self._zstd.ZstdDecompressor().stream_reader(body)
                 chunks: list[bytes] = []
                 total = 0

@@ -20,7 +20,7 @@ from . import _async, _sync
 from ._cache import TieredCache, _positive
 from ._coherence import WriteResult
 from ._flow import CALL, Flow, Policy
-from ._keys import KeyMaker, KeySpace, canonical_bytes, digest, function_prefix, scoped_key, version_key
+from ._keys import KeyMaker, KeySpace, callable_name, canonical_bytes, digest, function_prefix, scoped_key, version_key
 from .errors import BackendError, ConfigError
 
 __all__ = ["AsyncTieredFunction", "TieredFunction", "tiered"]
@@ -60,7 +60,9 @@ class _Scope:
 
     def resolve(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str | None, list[str]]:
         tenant_fn, var = self._tenant_fn, self._tenant_var
-        tenant = tenant_fn(*args, **kwargs) if tenant_fn is not None else var.get() if var is not None else None
+        tenant: Any = tenant_fn(*args, **kwargs) if tenant_fn is not None else var.get() if var is not None else None
+        if isinstance(tenant, int) and not isinstance(tenant, bool):
+            tenant = str(tenant)  # as version_key names it
         names = self._static
         if self._tags_fn is not None:
             tags = self._tags_fn(*args, **kwargs)
@@ -96,7 +98,7 @@ class _Tiered:
         self._core = cache._core
         self._local = cache._core.local
         self._counters = cache._core.counters
-        qualname = f"{fn.__module__}.{fn.__qualname__}"
+        qualname = callable_name(fn)
         ttl = options.pop("ttl") or self._core.ttl
         l1_ttl = options.pop("l1_ttl")
         refresh_after = options.get("refresh_after")
@@ -221,7 +223,7 @@ class _Tiered:
         return _Bound(self, instance)
 
     def __repr__(self) -> str:
-        return f"<tiered {self._fn.__module__}.{self._fn.__qualname__}>"
+        return f"<tiered {self._policy.name}>"
 
 
 class TieredFunction(Protocol[P, R]):

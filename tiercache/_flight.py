@@ -232,12 +232,13 @@ class FlightTable:
             woken = self._evict(keys)
         _wake(woken)
 
-    def flush(self, accepting: bool) -> None:
+    def flush(self, accepting: bool, keep_stale: bool = True) -> None:
         """Everything may be stale (lost messages): dirty every load and watch, empty L1, and
         let L1 take new entries only if ``accepting`` (the bus is known to be healthy).
 
         Entries within a ``stale_ttl`` stay, demoted: never served as fresh again, only if
-        their function fails (the fail-safe outlives the outage it is for)."""
+        their function fails (the fail-safe outlives the outage it is for); unless not
+        ``keep_stale`` (a flush that is an invalidation: ``cache.clear()``)."""
         with self._lock:
             for flight in self._flights.values():
                 flight.dirty = True
@@ -248,7 +249,7 @@ class FlightTable:
             woken = list(self._fills.values())
             self._fills.clear()
             self._local.accepting = accepting
-            self._local.clear(keep_stale=True)
+            self._local.clear(keep_stale=keep_stale)
         _wake(woken)
 
     def _evict(self, keys: Iterable[str]) -> list[Flight]:

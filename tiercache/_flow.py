@@ -640,6 +640,7 @@ class Core:
         watches = self.flights.watch(want)
         entries: dict[str, tuple[Any, float, int]] = {}
         leased: list[str] = []
+        unreadable: dict[str, bytes] = {}
         try:
             op = _remote.fetch_many(want, marker, self.lease_ms)
             sent_at = self.clock()
@@ -653,6 +654,7 @@ class Core:
                     except CodecError as exc:
                         self.counters.codec_errors += 1
                         self.log.emit("codec", "tiercache: ignoring unreadable value in Redis: %s", exc)
+                        unreadable[key] = got[0]
                     else:
                         pttl = got[1]
                         left = pttl / 1000.0 if pttl >= 0 else float("inf") if pttl == -1 else 0.0
@@ -694,6 +696,10 @@ class Core:
                         store, marker, [datas[k] for k in store], _ms(ttl_s), self.channel, self.node_id
                     )
                     self._settle(op, (yield op) if self._allow() else _SKIPPED)
+                for k, old in unreadable.items():  # unless someone wrote the key meanwhile
+                    if k in datas:
+                        op = _remote.replace(k, old, datas[k], _ms(ttl_s))
+                        self._settle(op, (yield op) if self._allow() else _SKIPPED)
                 unstored = [k for k in leased if k not in datas]
                 leased = []
                 if unstored:
@@ -719,6 +725,10 @@ class Core:
             entry = data.get(name)
             if entry is None or entry[1] <= now:
                 return None
+            try:
+                data.move_to_end(name)  # in use: the LRU must not evict it before its entries
+            except KeyError:
+                pass
             out.append(entry[0])
         return out
 
@@ -777,7 +787,7 @@ class Core:
         """Adopt the namespace's generation (from the bus, or our own ``clear``): new keys
         from now on, and L1 emptied (loads in flight dirtied) since it holds the old ones."""
         if self.keyspace.advance(generation):
-            self.flights.flush(accepting=self.local.accepting)
+            self.flights.flush(accepting=self.local.accepting, keep_stale=False)
 
     def clear(self, wait: float | None) -> Flow:
         """Drop every entry of the namespace in every process, in O(1): a new generation, so

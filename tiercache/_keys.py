@@ -211,8 +211,10 @@ def user_key(namespace: str, key: str) -> str:
 
 def version_key(namespace: str, kind: str, name: str) -> str:
     """Where a tag's or tenant's version counter lives: ``tc:{ns}:tag:{name}`` (or ``tenant``)."""
+    if isinstance(name, int) and not isinstance(name, bool):
+        name = str(name)  # an integer id names the same tenant as its decimal string
     if not isinstance(name, str) or not name:
-        raise KeyEncodingError(f"{kind} {name!r} must be a non-empty str")
+        raise KeyEncodingError(f"{kind} {name!r} must be a non-empty str (or an int id)")
     if "{" in name or "}" in name:
         name = "#" + digest(name.encode("utf-8", "surrogatepass"))
     return f"tc:{namespace}:{kind}:{{{name}}}"
@@ -231,11 +233,20 @@ def scoped_key(key: str, tenant: str | None, versions: list[int]) -> str:
 LLM_IGNORED = frozenset({"stream", "stream_options", "user", "timeout", "request_timeout", "extra_headers", "metadata"})
 
 
+def callable_name(fn: Any) -> str:
+    """``module.qualname`` of a function, or of a partial's or a callable object's target."""
+    target = getattr(fn, "func", fn)  # functools.partial
+    qualname = getattr(target, "__qualname__", None) or type(target).__qualname__
+    module = getattr(target, "__module__", None) or type(target).__module__
+    return f"{module}.{qualname}"
+
+
 def normalize_json(value: Any, path: str = "request") -> Any:
-    """A JSON-like value in canonical form, for keys: mappings with sorted string keys, lists as
-    tuples, floats that are whole numbers as ints (``1.0`` and ``1`` are the same JSON
-    number), ``-0.0`` as ``0``. Raises KeyEncodingError for NaN, infinities, non-string
-    mapping keys and anything JSON cannot hold, naming where it is."""
+    """A JSON-like value in canonical form, for keys: mappings as dicts of string keys (their
+    canonical encoding sorts them), lists and tuples as lists, floats that are whole numbers
+    as ints (``1.0`` and ``1`` are the same JSON number), ``-0.0`` as ``0``. Raises
+    KeyEncodingError for NaN, infinities, non-string mapping keys and anything JSON cannot
+    hold, naming where it is."""
     if value is None or isinstance(value, (bool, str)):
         return value
     if isinstance(value, int):
@@ -250,9 +261,9 @@ def normalize_json(value: Any, path: str = "request") -> Any:
             if not isinstance(k, str):
                 raise KeyEncodingError(f"{path} has a non-string key {k!r}: JSON object keys are strings")
             items.append((k, normalize_json(v, f"{path}[{k!r}]")))
-        return ("{}", tuple(sorted(items)))
+        return dict(items)  # encoded with its keys sorted, and tagged apart from arrays
     if isinstance(value, (list, tuple)):
-        return tuple(normalize_json(v, f"{path}[{i}]") for i, v in enumerate(value))
+        return [normalize_json(v, f"{path}[{i}]") for i, v in enumerate(value)]
     raise KeyEncodingError(f"{path} is a {type(value).__qualname__}: not JSON (dict, list, str, number, bool, None)")
 
 

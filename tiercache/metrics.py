@@ -98,7 +98,8 @@ class PrometheusCollector:
             name = _GAUGE_NAMES.get(field, field)
             family = m.GaugeMetricFamily(f"{self._prefix}_{name}", help_text, labels=["namespace"])
             for namespace, stats in snapshots:
-                family.add_metric([namespace], _value(stats, field))
+                if getattr(stats, field) is not None:  # bus_connected: None without a bus
+                    family.add_metric([namespace], _value(stats, field))
             yield family
 
 
@@ -111,10 +112,14 @@ def instrument_opentelemetry(*caches: TieredCache, meter_provider: Any = None) -
 
     def reader(field: str) -> Any:
         def observe(options: Any) -> list[Any]:
-            return [
-                otel.Observation(_value(cache.stats(), field), {"tiercache.namespace": cache.namespace})
-                for cache in caches
-            ]
+            observations = []
+            for cache in caches:
+                stats = cache.stats()
+                if getattr(stats, field) is not None:  # bus_connected: None without a bus
+                    observations.append(
+                        otel.Observation(_value(stats, field), {"tiercache.namespace": cache.namespace})
+                    )
+            return observations
 
         return observe
 

@@ -19,8 +19,9 @@ pytestmark = [pytest.mark.redis, pytest.mark.slow]
         ["benchmarks/bench_coherence.py", "--quick"],
         ["benchmarks/bench_stampede.py", "--quick"],
         ["benchmarks/bench_coalesce.py", "--quick"],
+        ["benchmarks/bench_embeddings.py", "--quick"],
     ],
-    ids=["bench_core", "bench_coherence", "bench_stampede", "bench_coalesce"],
+    ids=["bench_core", "bench_coherence", "bench_stampede", "bench_coalesce", "bench_embeddings"],
 )
 def test_benchmark_runs(command: list[str]) -> None:
     proc = subprocess.run(

@@ -93,9 +93,7 @@ def test_a_batch_whose_connection_fails_fails_open_for_every_task(own_redis: Any
     cache.close()
 
 
-def test_cancelling_the_task_that_sends_the_batch_leaves_the_others_answered(
-    redis_server: Any, namespace: str
-) -> None:
+def test_cancelling_the_task_that_sends_the_batch_leaves_the_others_answered(redis_server: Any, namespace: str) -> None:
     cache = TieredCache(redis_server.url, namespace=namespace, l1_maxsize=0)
 
     @tiered(cache, name="co")

@@ -1,0 +1,381 @@
+"""``@tiered_batch`` on L1-only caches and fakeredis: partial hits, duplicates, other
+arguments in the keys, failures (the error propagates, nothing is cached, leases are given
+back), wrong result counts, numpy arrays, values over ``max_value_bytes``, sync and async."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import fakeredis
+import numpy as np
+import pytest
+
+from tiercache import ConfigError, TieredCache, tiered_batch
+from tiercache._remote import LEASE_PREFIX
+
+
+class Embedder:
+    """A batch function's body: records each batch it is given; results name model and item."""
+
+    def __init__(self, result: Callable[[Any, str], Any] | None = None) -> None:
+        self.batches: list[list[Any]] = []
+        self.result = result or (lambda item, model: f"{model}:{item!r}")
+        self.fail: BaseException | None = None
+        self.during: Callable[[], Any] | None = None
+
+    def compute(self, items: list[Any], model: str) -> list[Any]:
+        self.batches.append(list(items))
+        if self.fail is not None:
+            raise self.fail
+        return [self.result(item, model) for item in items]
+
+    def function(self, mode: Any) -> Callable[..., Any]:
+        """``embed(items, model="m1")``, sync or async as ``mode`` says."""
+        if mode.is_async:
+
+            async def embed(items: list[Any], model: str = "m1") -> list[Any]:
+                await asyncio.sleep(0)
+                if self.during is not None:
+                    await self.during()
+                return self.compute(items, model)
+
+            return embed
+
+        def embed(items: list[Any], model: str = "m1") -> list[Any]:  # type: ignore[misc]
+            if self.during is not None:
+                self.during()
+            return self.compute(items, model)
+
+        return embed
+
+
+class Fake:
+    """One fakeredis server, a raw client on it, and caches on it (closed at teardown)."""
+
+    def __init__(self, mode: Any) -> None:
+        self.mode = mode
+        self.server = fakeredis.FakeServer()
+        self.raw = fakeredis.FakeRedis(server=self.server)
+        self.caches: list[TieredCache] = []
+
+    def cache(self, **kwargs: Any) -> TieredCache:
+        kwargs.setdefault("namespace", "batch")
+        cache = TieredCache(
+            client=fakeredis.FakeRedis(server=self.server),
+            async_client=fakeredis.FakeAsyncRedis(server=self.server),
+            **kwargs,
+        )
+        self.caches.append(cache)
+        assert cache.ready(5)
+        return cache
+
+    def values(self) -> dict[bytes, bytes]:
+        return {k: self.raw.get(k) for k in self.raw.keys(b"tc:batch:v1:*")}
+
+    def markers(self) -> list[bytes]:
+        return [k for k, v in self.values().items() if v is not None and v.startswith(LEASE_PREFIX)]
+
+    def close(self) -> None:
+        for cache in self.caches:
+            if self.mode.is_async:
+                self.mode.run(cache.aclose())
+            else:
+                cache.close()
+
+
+@pytest.fixture
+def fake(mode: Any) -> Iterator[Fake]:
+    f = Fake(mode)
+    yield f
+    f.close()
+
+
+@pytest.fixture(params=["l1", "fakeredis"])
+def cache(request: pytest.FixtureRequest, mode: Any, fake: Fake) -> TieredCache:
+    """An L1-only cache, and a cache on fakeredis."""
+    if request.param == "l1":
+        return TieredCache(namespace="batch")
+    return fake.cache()
+
+
+def test_partial_hits_pass_only_the_missing_items_in_one_call_in_order(mode: Any, cache: TieredCache) -> None:
+    emb = Embedder()
+    f = tiered_batch(cache)(emb.function(mode))
+    assert mode.call(f, ["a", "b"]) == ["m1:'a'", "m1:'b'"]
+    assert mode.call(f, ["c", "b", "d", "a", "e"]) == ["m1:'c'", "m1:'b'", "m1:'d'", "m1:'a'", "m1:'e'"]
+    assert emb.batches == [["a", "b"], ["c", "d", "e"]]
+    stats = cache.stats()
+    assert (stats.l1_hits, stats.misses, stats.loads) == (2, 5, 2)
+
+
+def test_duplicates_are_computed_once_and_answered_at_each_position(mode: Any, cache: TieredCache) -> None:
+    emb = Embedder()
+    f = tiered_batch(cache)(emb.function(mode))
+    assert mode.call(f, ["x", "y", "x", "x", "y"]) == ["m1:'x'", "m1:'y'", "m1:'x'", "m1:'x'", "m1:'y'"]
+    assert emb.batches == [["x", "y"]]
+    assert mode.call(f, ["y", "y"]) == ["m1:'y'", "m1:'y'"]
+    assert emb.batches == [["x", "y"]]
+
+
+def test_later_batches_and_single_items_hit(mode: Any, cache: TieredCache) -> None:
+    emb = Embedder()
+    f = tiered_batch(cache)(emb.function(mode))
+    mode.call(f, [1, 2, 3])
+    assert mode.call(f, [3, 2]) == ["m1:3", "m1:2"]
+    assert mode.call(f, [2]) == ["m1:2"]
+    assert mode.call(f, (1,)) == ["m1:1"]  # any sequence of items
+    assert mode.call(f, []) == []
+    assert mode.call(f, [4, 1]) == ["m1:4", "m1:1"]
+    assert emb.batches == [[1, 2, 3], [4]]
+
+
+def test_items_of_different_types_never_share_a_key(mode: Any, cache: TieredCache) -> None:
+    emb = Embedder()
+    f = tiered_batch(cache)(emb.function(mode))
+    items = [1, "1", 1.5, True, None, (1,), [1], {"a": 1}, b"1"]
+    assert mode.call(f, items) == [f"m1:{i!r}" for i in items]
+    assert emb.batches == [items]
+    assert len(set(f.keys(items))) == len(items)
+    assert mode.call(f, list(reversed(items))) == [f"m1:{i!r}" for i in reversed(items)]
+    assert len(emb.batches) == 1
+
+
+def test_other_arguments_are_part_of_each_items_key(mode: Any, cache: TieredCache) -> None:
+    emb = Embedder()
+    f = tiered_batch(cache)(emb.function(mode))
+    assert mode.call(f, ["a"], model="m1") == ["m1:'a'"]
+    assert mode.call(f, ["a"], model="m2") == ["m2:'a'"]
+    assert mode.call(f, ["a", "b"], "m2") == ["m2:'a'", "m2:'b'"]
+    assert emb.batches == [["a"], ["a"], ["b"]]
+    # the default, positional and keyword forms of the same call share keys
+    assert mode.call(f, ["a"]) == ["m1:'a'"]
+    assert mode.call(f, items=["a"], model="m1") == ["m1:'a'"]
+    assert len(emb.batches) == 3
+    assert f.keys(["a"]) == f.keys(["a"], "m1") == f.keys(items=["a"], model="m1") != f.keys(["a"], "m2")
+
+
+def test_keys_and_invalidate_work_per_item(mode: Any, cache: TieredCache) -> None:
+    emb = Embedder()
+    f = tiered_batch(cache)(emb.function(mode))
+    mode.call(f, ["a", "b", "c"])
+    keys = f.keys(["a", "b", "a"])
+    assert keys[0] == keys[2] != keys[1]
+    assert all(k.startswith("tc:batch:v1:f:") for k in keys)
+    mode.run(f.invalidate(["a", "c", "a"]))
+    assert mode.call(f, ["a", "b", "c"]) == ["m1:'a'", "m1:'b'", "m1:'c'"]
+    assert emb.batches[-1] == ["a", "c"]
+
+
+def test_a_raising_function_caches_nothing_and_gives_its_leases_back(mode: Any, cache: TieredCache, fake: Fake) -> None:
+    emb = Embedder()
+    f = tiered_batch(cache)(emb.function(mode))
+    mode.call(f, ["a"])
+    emb.fail = ValueError("model overloaded")
+    with pytest.raises(ValueError, match="model overloaded"):
+        mode.call(f, ["a", "b", "c"])
+    assert emb.batches[-1] == ["b", "c"]
+    assert fake.markers() == []
+    assert cache.stats().load_errors == 1
+    emb.fail = None
+    assert mode.call(f, ["b", "a", "c"]) == ["m1:'b'", "m1:'a'", "m1:'c'"]
+    assert emb.batches[-1] == ["b", "c"]  # nothing of the failed call was kept
+
+
+@pytest.mark.parametrize("bad", [["only one"], [], "xy", None, {"a": 1}, 3])
+def test_wrong_number_of_results_is_a_type_error_naming_the_function(
+    mode: Any, cache: TieredCache, fake: Fake, bad: Any
+) -> None:
+    emb = Embedder()
+    f = tiered_batch(cache)(emb.function(mode))
+    emb.compute = lambda items, model: bad  # type: ignore[method-assign]
+    with pytest.raises(TypeError, match=r"embed returned .* for 2 items"):
+        mode.call(f, ["a", "b"])
+    assert fake.markers() == []
+    assert cache.stats().l1_size == 0
+
+
+def test_items_must_be_a_sequence(mode: Any) -> None:
+    cache = TieredCache(namespace="batch")
+    emb = Embedder()
+    f = tiered_batch(cache)(emb.function(mode))
+    for bad in ("abc", b"abc", 42, {1, 2}):
+        with pytest.raises(TypeError, match="items= must be a list"):
+            mode.call(f, bad)
+    with pytest.raises(TypeError, match="embed"):
+        mode.call(f, ["a"], "m1", "extra")
+    assert emb.batches == []
+
+
+def test_configuration_is_checked() -> None:
+    cache = TieredCache(namespace="batch")
+    with pytest.raises(ConfigError):
+        tiered_batch("not a cache")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="ttl"):
+        tiered_batch(cache, ttl=-1)
+    with pytest.raises(ConfigError, match="ttl_jitter"):
+        tiered_batch(cache, ttl_jitter=1.0)
+    with pytest.raises(ConfigError, match="first parameter"):
+        tiered_batch(cache)(lambda *items: list(items))
+    with pytest.raises(ConfigError, match="first parameter"):
+        tiered_batch(cache)(lambda: [])
+    with pytest.raises(ConfigError, match="braces"):
+        tiered_batch(cache, name="a{b}")(lambda items: items)
+
+
+def test_an_invalidation_during_the_load_wins(mode: Any, fake: Fake) -> None:
+    """Invariant 3: the items invalidated while the function runs are returned to this call but
+    stored nowhere (their lease marker was replaced); the others are stored."""
+    cache = fake.cache()
+    emb = Embedder()
+    f = tiered_batch(cache)(emb.function(mode))
+
+    def invalidate_a() -> Any:
+        emb.during = None
+        return f.invalidate(["a"])
+
+    emb.during = invalidate_a
+    assert mode.call(f, ["a", "b"]) == ["m1:'a'", "m1:'b'"]
+    key_a, key_b = f.keys(["a", "b"])
+    assert fake.raw.get(key_a) is None
+    assert fake.raw.get(key_b) is not None
+    assert mode.call(f, ["a", "b"]) == ["m1:'a'", "m1:'b'"]
+    assert emb.batches == [["a", "b"], ["a"]]
+
+
+def test_another_processes_lease_is_respected(mode: Any, fake: Fake) -> None:
+    cache = fake.cache()
+    emb = Embedder()
+    f = tiered_batch(cache)(emb.function(mode))
+    (key,) = f.keys(["a"])
+    marker = LEASE_PREFIX + b"someone-else:1"
+    fake.raw.set(key, marker, px=10_000)
+    assert mode.call(f, ["a", "b"]) == ["m1:'a'", "m1:'b'"]
+    assert fake.raw.get(key) == marker  # not overwritten: the holder's fill will land
+    assert emb.batches == [["a", "b"]]
+
+
+def test_values_over_max_value_bytes_are_returned_not_cached(mode: Any, fake: Fake) -> None:
+    for cache in (
+        TieredCache(namespace="batch", max_value_bytes=200, compression=None),
+        fake.cache(max_value_bytes=200, compression=None),
+    ):
+        emb = Embedder(lambda item, model: item * 300 if item.startswith("big") else item)
+        f = tiered_batch(cache)(emb.function(mode))
+        assert mode.call(f, ["big1", "s", "big2"]) == ["big1" * 300, "s", "big2" * 300]
+        assert cache.stats().not_cached == 2
+        assert mode.call(f, ["s", "big1", "big2"]) == ["s", "big1" * 300, "big2" * 300]
+        assert emb.batches == [["big1", "s", "big2"], ["big1", "big2"]]
+        assert cache.stats().not_cached == 4
+    assert fake.markers() == []
+    assert len(fake.values()) == 1  # only "s" reached Redis
+
+
+# -- numpy ------------------------------------------------------------------------------------
+
+
+def vectors(item: Any, model: str) -> Any:
+    rng = np.random.default_rng(abs(hash((item, model))) % 2**32)
+    return rng.standard_normal(8).astype(np.float32)
+
+
+def test_numpy_arrays_round_trip_through_redis(mode: Any, fake: Fake) -> None:
+    writer, reader = fake.cache(), fake.cache()
+    emb_w, emb_r = Embedder(vectors), Embedder(vectors)
+    fw = tiered_batch(writer, name="emb")(emb_w.function(mode))
+    fr = tiered_batch(reader, name="emb")(emb_r.function(mode))
+    items = ["a", "b", "c"]
+    computed = mode.call(fw, items)
+    read = mode.call(fr, items)
+    assert emb_r.batches == []
+    assert reader.stats().l2_hits == 3
+    for c, r in zip(computed, read, strict=True):
+        assert isinstance(r, np.ndarray)
+        assert r.dtype == np.float32 and r.shape == (8,)
+        assert r.tobytes() == c.tobytes()  # bit for bit
+        assert not r.flags.writeable
+        with pytest.raises(ValueError):
+            r[0] = 1.0
+    assert mode.call(fr, ["b"])[0] is read[1]  # from the reader's L1 now: the same read-only array
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.arange(12, dtype=np.float32).reshape(3, 4).T,  # not contiguous
+        np.zeros((0, 3), dtype=np.float64),
+        np.array(5, dtype=np.int16),
+        np.array([1 + 2j], dtype=np.complex64),
+        np.array([True, False]),
+        np.arange(4, dtype=">f4"),  # big-endian
+        np.array([np.nan, -0.0, np.inf], dtype=np.float32),
+    ],
+    ids=["transposed", "empty", "0-d", "complex", "bool", "big-endian", "special"],
+)
+def test_numeric_arrays_keep_dtype_shape_and_values(mode: Any, fake: Fake, array: Any) -> None:
+    writer, reader = fake.cache(), fake.cache()
+    fw = tiered_batch(writer, name="arr")(Embedder(lambda item, model: array).function(mode))
+    fr = tiered_batch(reader, name="arr")(Embedder(lambda item, model: None).function(mode))
+    mode.call(fw, ["x"])
+    (got,) = mode.call(fr, ["x"])
+    assert got.dtype == array.dtype and got.shape == array.shape
+    assert got.tobytes() == np.ascontiguousarray(array).tobytes()
+
+
+def test_object_arrays_are_refused_but_returned(mode: Any, fake: Fake) -> None:
+    cache = fake.cache()
+    objects = np.array([{"a": 1}, None], dtype=object)
+    emb = Embedder(lambda item, model: objects if item == "obj" else np.ones(2, dtype=np.float32))
+    f = tiered_batch(cache)(emb.function(mode))
+    got = mode.call(f, ["obj", "num"])
+    assert got[0] is objects
+    assert cache.stats().not_cached == 1
+    assert len(fake.values()) == 1 and fake.markers() == []
+    mode.call(f, ["obj", "num"])
+    assert emb.batches == [["obj", "num"], ["obj"]]
+
+
+# -- tenants ------------------------------------------------------------------------------------
+
+
+def test_batch_entries_are_isolated_per_tenant(mode: Any) -> None:
+    """``TieredCache(tenants=True)``: "every key of the cache depends on the current tenant"
+    (docs/tags-and-tenants.md), so a batch computed in one tenant must not answer another."""
+    cache = TieredCache(namespace="batch", tenants=True)
+    current = {"tenant": None}
+    emb = Embedder(lambda item, model: (current["tenant"], item))
+    f = tiered_batch(cache)(emb.function(mode))
+    for tenant in ("acme", "globex"):
+        current["tenant"] = tenant
+        with cache.tenant(tenant):
+            assert mode.call(f, ["report"]) == [(tenant, "report")]
+
+
+def test_a_partial_with_a_name_can_be_decorated(mode: Any) -> None:
+    """``callable(fn)`` is what the decorator checks; with ``name=`` given, nothing else about
+    the callable should matter (a ``functools.partial`` binding the model, say)."""
+    cache = TieredCache(namespace="batch")
+    emb = Embedder()
+    f = tiered_batch(cache, name="embed.m2")(functools.partial(emb.function(mode), model="m2"))
+    assert mode.call(f, ["a"]) == ["m2:'a'"]
+    assert mode.call(f, ["a"]) == ["m2:'a'"]
+    assert emb.batches == [["a"]]
+
+
+def test_unreadable_values_in_redis_are_replaced(mode: Any, fake: Fake) -> None:
+    """As with ``@tiered`` (the replace script): bytes that cannot be decoded count as a miss,
+    and the result computed for them replaces them, so other caches read it from Redis
+    instead of computing it again for as long as the unreadable bytes live."""
+    a, b = fake.cache(), fake.cache()
+    emb_a, emb_b = Embedder(), Embedder()
+    fa = tiered_batch(a, name="garbage")(emb_a.function(mode))
+    fb = tiered_batch(b, name="garbage")(emb_b.function(mode))
+    (key,) = fa.keys(["x"])
+    fake.raw.set(key, b"not an envelope")
+    assert mode.call(fa, ["x"]) == ["m1:'x'"]
+    assert a.stats().codec_errors == 1
+    assert mode.call(fb, ["x"]) == ["m1:'x'"]
+    assert emb_b.batches == []
+    assert b.stats().l2_hits == 1
