@@ -33,7 +33,7 @@ def test_clear_changes_every_key_and_drops_stale_copies() -> None:
     now[0] = 11  # past the TTL, within stale_ttl: only a stale copy could answer now
     outcomes.append(RuntimeError("down"))
     with pytest.raises(RuntimeError):
-        f(1)  # the stale copy was dropped by clear(): it was invalidated, not merely old
+        f(1)  # the old copy is invalidated, not merely old: never served (its key is gone too)
     assert cache.stats().stale_served == 0
 
 
