@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import random
 import secrets
 import threading
 from collections.abc import Callable, Generator, Sequence
@@ -27,7 +26,7 @@ from ._keys import KeySpace, scoped_key
 from ._local import LocalCache
 from ._metrics import CacheStats, Counters, RateLimitedLog
 from ._remote import FAILED, LEASE_PREFIX, Breaker, PoolBusy, RedisOp, RemoteFailure
-from ._types import MISSING
+from ._types import MISSING, RNG
 from .errors import BackendError, CodecError, LoadTimeoutError, ValueTooLargeError
 
 __all__ = ["CALL", "CachedError", "CallWith", "Core", "Flow", "Policy", "Spawn", "Wait"]
@@ -154,7 +153,7 @@ class Policy:
         """The TTL of one fill in Redis: ``ttl``, shortened by up to ``ttl_jitter`` of it at
         random so keys filled together do not expire together."""
         if self.ttl_jitter:
-            return self.ttl * (1.0 - self.ttl_jitter * random.random())  # noqa: S311 - jitter
+            return self.ttl * (1.0 - self.ttl_jitter * RNG.random())
         return self.ttl
 
     def fresh_until(self, expires: float) -> float | None:
@@ -168,7 +167,7 @@ class Policy:
         if self.refresh_after is not None:
             points.append(expires - self.ttl + self.refresh_after)
         if self.refresh_beta > 0:
-            u = 1.0 - random.random()  # noqa: S311 - a draw, not a secret; in (0, 1]
+            u = 1.0 - RNG.random()  # in (0, 1]
             points.append(expires - self.load_time * self.refresh_beta * -math.log(u))
         return min(points)
 

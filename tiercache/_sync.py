@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextvars
 import os
-import random
 import selectors
 import socket
 import threading
@@ -29,6 +28,7 @@ from ._flight import Flight
 from ._flow import CALL, CallWith, Flow, Spawn, Wait
 from ._metrics import RateLimitedLog
 from ._remote import RedisOp, RemoteFailure, ack, read_seq
+from ._types import RNG
 
 __all__ = ["Subscriber", "SyncRedis", "drive"]
 
@@ -261,7 +261,7 @@ class Subscriber:
             # a connection that lasted: one that subscribes and then fails at once keeps backing off.
             if subscribed_at is not None and time.monotonic() - subscribed_at > self.STABLE_AFTER:
                 backoff = self.MIN_BACKOFF
-            self._stopping.wait(random.uniform(0, backoff))  # noqa: S311 - jitter, not crypto
+            self._stopping.wait(RNG.uniform(0, backoff))
             backoff = min(backoff * 2, self.MAX_BACKOFF)
 
     def _listen(self, conn: redis.Connection) -> None:

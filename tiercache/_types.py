@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import enum
+import os
+import random
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["MISSING", "Clock", "Missing", "Serializer"]
+#: tiercache's own random numbers (jitter, XFetch draws): never the global ``random`` state,
+#: which belongs to the application (and its tests); reseeded in a forked child.
+RNG = random.Random()  # noqa: S311 - jitter, not secrets
+os.register_at_fork(after_in_child=RNG.seed)
+
+__all__ = ["MISSING", "RNG", "Clock", "Missing", "Serializer"]
 
 
 class Missing(enum.Enum):

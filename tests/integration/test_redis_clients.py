@@ -184,7 +184,7 @@ def test_aclose_releases_async_and_sync_connections(own_redis: Any, own_raw: Any
         await asyncio.gather(*(slow(i) for i in range(n)))
 
     async def scenario() -> None:
-        cache = TieredCache(url, namespace=namespace)
+        cache = TieredCache(url, namespace=namespace, coalesce_reads=False)
         await misses(cache)
         assert count() >= 2
         open_several_connections(cache, 1)  # the sync pool too
@@ -192,13 +192,13 @@ def test_aclose_releases_async_and_sync_connections(own_redis: Any, own_raw: Any
         await cache.aclose()
         wait_until(lambda: count() == 0, 5, what="connections closed by aclose()")
 
-        cache = TieredCache(url, namespace=namespace)
+        cache = TieredCache(url, namespace=namespace, coalesce_reads=False)
         await misses(cache)
         assert count() >= 2
         await cache.aio.aclose()
         wait_until(lambda: count() == 0, 5, what="connections closed by aio.aclose()")
 
-        async with TieredCache(url, namespace=namespace) as cache:
+        async with TieredCache(url, namespace=namespace, coalesce_reads=False) as cache:
             await misses(cache)
             open_several_connections(cache, 1)
             assert count() >= 3

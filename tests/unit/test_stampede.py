@@ -601,7 +601,7 @@ def test_refresh_after_expired_entry_is_an_ordinary_miss(mode: Any, l1: TieredCa
 
 
 class Draw:
-    """Stands in for ``random`` in tiercache._flow: XFetch's ``-ln(U)`` is then exactly 1."""
+    """Stands in for ``RNG`` in tiercache._flow: XFetch's ``-ln(U)`` is then exactly 1."""
 
     @staticmethod
     def random() -> float:
@@ -614,7 +614,7 @@ def test_xfetch_refreshes_about_beta_load_times_before_expiry(
     """XFetch: an entry whose function took ``delta`` seconds becomes due ``delta * beta *
     -ln(U)`` before it expires (here -ln(U) = 1, delta = 2 s on the injected clock, beta = 3:
     6 s early); then a call answers the current value and starts one background refresh."""
-    monkeypatch.setattr(tiercache._flow, "random", Draw)
+    monkeypatch.setattr(tiercache._flow, "RNG", Draw)
     first = threading.Event()
 
     def took_two_seconds(value: Any) -> Any:
@@ -658,7 +658,7 @@ def test_xfetch_without_measured_load_time_refreshes_only_at_expiry(
     """A process that never called the function (its copy came from Redis) has no ``delta``,
     so its copy is not refreshed ahead; the process that loaded it (delta = 0.01 s, beta = 1000:
     10 s early) refreshes it."""
-    monkeypatch.setattr(tiercache._flow, "random", Draw)
+    monkeypatch.setattr(tiercache._flow, "RNG", Draw)
     server = fakeredis.FakeServer()
     caches = [
         TieredCache(
