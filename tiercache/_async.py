@@ -88,15 +88,16 @@ class AsyncRedis:
                 "async calls need async_client=redis.asyncio.Redis(...) here: the sync client= "
                 "uses a connection class tiercache cannot mirror for asyncio"
             )
-        if self.coalesce and op.script is None:
+        if self.coalesce and op.coalesce:
             return await self._coalesced(op)
         return await self._execute_bounded(op)
 
     async def _coalesced(self, op: RedisOp) -> Any:
         """DataLoader-style batching: the first read of an event-loop iteration yields once,
         collecting the reads other tasks issue meanwhile, then sends them all in one pipeline
-        on one connection and hands each task its reply (or its failure). Scripts are never
-        coalesced (a NOSCRIPT reply mid-pipeline would need its own retry)."""
+        on one connection and hands each task its reply (or its failure). Only quick reads
+        (``RedisOp.coalesce``) are: no script (a NOSCRIPT reply mid-pipeline would need its
+        own retry), no blocking command (it would hold up every read behind it)."""
         loop = asyncio.get_running_loop()
         batch = self._batches.get(loop)
         if batch is not None:
@@ -117,7 +118,12 @@ class AsyncRedis:
             del self._batches[loop]
         if len(batch) == 1:
             return await self._execute_bounded(op)
-        return await self._execute_batch(batch)
+        # On a task of its own: cancelling this caller must not cut the others' reads short
+        # (and fail them, opening the breaker, with their leases taken but unknown).
+        task = loop.create_task(self._execute_batch(batch))
+        _TASKS.add(task)
+        task.add_done_callback(_finished)
+        return await asyncio.shield(task)
 
     async def _execute_batch(self, batch: list[tuple[RedisOp, asyncio.Future[Any] | None]]) -> Any:
         mine: Any = None
@@ -180,7 +186,7 @@ class AsyncRedis:
             cause = exc.__cause__ if isinstance(exc, RemoteFailure) else exc
             for _, future in batch:
                 if future is not None and not future.done():
-                    wrapped = RemoteFailure()
+                    wrapped = type(exc)() if isinstance(exc, RemoteFailure) else RemoteFailure()  # PoolBusy stays
                     wrapped.__cause__ = cause
                     future.set_exception(wrapped)
             if isinstance(exc, Exception) and not isinstance(exc, RemoteFailure):
@@ -236,7 +242,12 @@ class AsyncRedis:
                 raise RemoteFailure() from exc
             raise
         await pool.release(conn)
-        return reply if op.parse is None else op.parse(reply)
+        if op.parse is None:
+            return reply
+        try:
+            return op.parse(reply)
+        except Exception as exc:  # a reply we cannot read (e.g. a foreign value): fail open
+            raise RemoteFailure() from exc
 
     async def aclose(self) -> None:
         """Disconnect the pool of the running loop, and close what finished loops left."""

@@ -63,7 +63,7 @@ class Bus:
         node_id: str,
         flights: FlightTable,
         log: RateLimitedLog,
-        on_generation: Callable[[str], None] = lambda generation: None,
+        on_generation: Callable[[str, bool], None] = lambda generation, forward_only: None,
     ) -> None:
         self._on_generation = on_generation
         self.node_id = node_id
@@ -88,7 +88,7 @@ class Bus:
         """The subscription is confirmed and ``base_seq`` (and the namespace's ``generation``)
         read after it: trust L1 again, starting empty (messages may have been lost while we
         were not subscribed)."""
-        self._on_generation(generation)
+        self._on_generation(generation, False)  # what Redis holds now is the truth
         self.last_seq = base_seq
         self._base = base_seq
         self._past_base = False
@@ -118,7 +118,7 @@ class Bus:
             self.messages += 1
             seq, origin, msg_keys, ack_key, generation = msg
             if generation is not None:
-                self._on_generation(generation)  # the namespace was cleared: new keys, L1 flushed
+                self._on_generation(generation, True)  # the namespace was cleared: new keys, L1 flushed
             if self.last_seq is None:
                 pass  # not subscribed (a test may feed messages directly)
             elif not self._past_base and seq <= self._base:

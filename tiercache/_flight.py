@@ -41,6 +41,7 @@ class Flight:
         "marker",
         "served_stale",
         "stale",
+        "timed_out",
         "value",
     )
 
@@ -61,6 +62,8 @@ class Flight:
         self.marker = b""
         #: The load failed and its waiters were answered with ``stale``.
         self.served_stale = False
+        #: Its callers gave up at ``hard_timeout``: a late result is stored nowhere.
+        self.timed_out = False
 
     def add_waiter(self, callback: Callable[[], None]) -> bool:
         """Run ``callback`` when this ends; False (and no call) if it has ended already."""
@@ -219,6 +222,12 @@ class FlightTable:
             if signal is None or signal.done:
                 signal = self._fills[key] = Flight(key)
             return signal
+
+    def drop_fill(self, signal: Flight) -> None:
+        """A wait for another process's fill is over: forget its signal (if still ours)."""
+        with self._lock:
+            if self._fills.get(signal.key) is signal:
+                del self._fills[signal.key]
 
     def announced(self, keys: Iterable[str]) -> None:
         """Fills (or releases) of ``keys`` by other processes: wake whoever waits for them."""

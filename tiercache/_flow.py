@@ -22,7 +22,7 @@ from . import _remote
 from ._codec import Codec
 from ._coherence import Bus, WriteResult
 from ._flight import Flight, FlightTable
-from ._keys import KeySpace, scoped_key
+from ._keys import KeySpace, _generation_number, scoped_key
 from ._local import LocalCache
 from ._metrics import CacheStats, Counters, RateLimitedLog
 from ._remote import FAILED, LEASE_PREFIX, Breaker, PoolBusy, RedisOp, RemoteFailure
@@ -229,6 +229,9 @@ class Core:
         self.keyspace = KeySpace(namespace)
         self.counters = Counters()
         self.flights = FlightTable(local)
+        #: Keys being refreshed ahead of expiry in this process (one refresh per key).
+        self._refreshing: set[str] = set()
+        self._refreshing_lock = threading.Lock()
         #: Tag and tenant versions of an L1-only cache (no Redis to keep them in).
         self._local_versions: dict[str, int] = {}
         self.breaker = Breaker(threshold=breaker_threshold, cooldown=breaker_cooldown, clock=clock)
@@ -252,6 +255,8 @@ class Core:
         self.local.reset_lock()
         self.flights.reset()
         self.codec.reset_after_fork()
+        self._refreshing = set()
+        self._refreshing_lock = threading.Lock()
         self.node_id = secrets.token_hex(8)  # the parent's id would make us ignore its messages
         self._marker_base = self.node_id.encode()  # and its lease markers would be ours
         if self.bus is not None:
@@ -339,7 +344,7 @@ class Core:
                 value = yield from self._load(flight, key, policy, load)
         except Exception as exc:
             self.flights.release(flight)
-            if flight.stale is not MISSING and not isinstance(exc, BackendError):
+            if not isinstance(exc, BackendError) and self._still_stale(key, flight.stale):
                 why = f"the function raised {type(exc).__name__}: {exc}"
                 self.log.emit("stale", "tiercache: answering %s with a stale value: %s", policy.name, why)
                 if not (load and policy.detached):  # an inline leader is a caller too
@@ -370,7 +375,7 @@ class Core:
         soft, hard = (policy.soft_timeout, policy.hard_timeout) if load else (None, None)
         if soft is not None:
             yield Wait(flight, max(0.0, soft - (self.clock() - started)))
-            if not flight.done and stale is not MISSING:
+            if not flight.done and self._still_stale(flight.key, stale):
                 self._serve_stale(policy, f"the function ran past soft_timeout={soft} s")
                 return stale
         if hard is not None:
@@ -380,11 +385,12 @@ class Core:
                 self.counters.load_timeouts += 1
                 self.flights.release(flight)  # the next call starts a new load
                 flight.dirty = True  # and the late result, if any, stays out of L1
+                flight.timed_out = True  # and out of Redis
                 if flight.cancel is not None:
                     flight.cancel()
                 if flight.marker:  # and may take the lease (a late fill is then refused)
                     yield from self._quietly(_remote.release(flight.key, flight.marker, self.channel, self.node_id))
-                if stale is not MISSING:
+                if self._still_stale(flight.key, stale):
                     self._serve_stale(policy, f"the function ran past hard_timeout={hard} s")
                     return stale
                 raise LoadTimeoutError(
@@ -403,35 +409,38 @@ class Core:
             self.counters.stale_served += 1
         return flight.value
 
+    def _still_stale(self, key: str, stale: Any) -> bool:
+        """Whether ``stale`` may still be served for ``key``: L1 still holds that very copy
+        within its ``stale_ttl`` (an invalidation since would have removed it)."""
+        if stale is MISSING:
+            return False
+        entry = self.local.entry(key)
+        return entry is not None and entry[0] is stale and self.clock() < entry[4]
+
     def _serve_stale(self, policy: Policy, why: str) -> None:
         self.counters.stale_served += 1
         self.log.emit("stale", "tiercache: answering %s with a stale value: %s", policy.name, why)
 
     def _refresh_ahead(self, key: str, policy: Policy) -> Flow:
-        """Start one background refresh of ``key`` unless a load of it is running here."""
-        flight, leader = self.flights.lead_or_join(key)
-        if leader:
-            self.counters.refreshes_ahead += 1
-            yield Spawn(self._ahead(flight, key, policy), flight)
+        """Start one background refresh of ``key`` unless one is running here. It is not a
+        flight of the in-flight table: callers that come after the entry expired load it
+        themselves rather than wait for a refresh that may still be queued."""
+        with self._refreshing_lock:
+            if key in self._refreshing:
+                return
+            self._refreshing.add(key)
+        self.counters.refreshes_ahead += 1
+        yield Spawn(self._ahead(key, policy), Flight(key))
 
-    def _ahead(self, flight: Flight, key: str, policy: Policy) -> Flow:
+    def _ahead(self, key: str, policy: Policy) -> Flow:
         try:
-            value = yield from self.refresh(key, policy, exclusive=True)
+            return (yield from self.refresh(key, policy, exclusive=True))
         except Exception as exc:  # noqa: BLE001 - nobody waits for it: counted and logged
-            self.flights.release(flight)
-            flight.abandon()
             self.log.emit("refresh", "tiercache: refresh ahead of %s failed: %r", policy.name, exc)
             return None
-        except BaseException:
-            self.flights.release(flight)
-            flight.abandon()
-            raise
-        self.flights.release(flight)
-        if value is MISSING:  # another process is refreshing it
-            flight.abandon()
-        else:
-            flight.finish(value)
-        return value
+        finally:
+            with self._refreshing_lock:
+                self._refreshing.discard(key)
 
     def _load(self, flight: Flight, key: str, policy: Policy, load: bool) -> Flow:
         marker = LEASE_PREFIX + b"%s:%d" % (self._marker_base, next(self._markers)) if load else b""
@@ -500,6 +509,9 @@ class Core:
             return value, None, 0.0, sent_at
         ttl_s = policy.l2_ttl()
         sent_at = self.clock()
+        if found is True and flight.timed_out:  # its callers gave up: store nothing, free the key
+            yield from self._quietly(_remote.release(key, marker, self.channel, self.node_id))
+            return value, None, 0.0, sent_at
         if found is True:
             # invariant 3: lands only if no write or invalidation of the key came since the
             # miss (they replace our lease marker). The lease, not our local dirty mark,
@@ -523,44 +535,49 @@ class Core:
     def _await_other(self, key: str, marker: bytes) -> Flow:
         """Another process holds the key's lease: wait for its fill instead of loading too.
 
-                Each round reads the key again in one script (``wait_lease``) that also raises the
-                key's waiter flag, so the holder's fill or release is announced on the bus and ends
-                our wait (``FlightTable.await_fill``; registered before the read, so an announcement
-                cannot slip in between). A wait is bounded by what the other lease has left: a holder
-                that died (SIGKILL) costs at most the lease TTL, after which we (or another waiter, whose
-        new lease we then wait for, up to twice the lease TTL in all) take the lease. With
-                no bus to hear announcements (``coherent=False``, or it is reconnecting) the rounds
-                back off from 5 ms to 250 ms instead. Returns what ``fetch`` would have (a value,
-                True for our lease, False: load without storing) and when its read was sent."""
+        Each round reads the key again in one script (``wait_lease``) that also raises the
+        key's waiter flag, so the holder's fill or release is announced on the bus and ends
+        our wait (``FlightTable.await_fill``; registered before the read, so an announcement
+        cannot slip in between). A wait is bounded by what the other lease has left: a holder
+        that died (SIGKILL) costs at most the lease TTL, after which we (or another waiter,
+        whose new lease we then wait for, up to twice the lease TTL in all) take the lease.
+        With no bus to hear announcements (``coherent=False``, or it is reconnecting) the
+        rounds back off from 5 ms to 250 ms instead. Returns what ``fetch`` would have (a
+        value, True for our lease, False: load without storing) and when its read was sent."""
         lease = self.lease_ms / 1000.0
         started = self.clock()
         deadline = started + lease
         lease_ends = 0.0
         pause = 0.005
-        while True:
-            signal = self.flights.await_fill(key)
-            op = _remote.wait_lease(key, marker, self.lease_ms)
-            sent_at = self.clock()
-            got = self._settle(op, (yield op) if self._allow() else _SKIPPED)
-            if got is FAILED:
-                return False, sent_at
-            if type(got) is not int:
-                return got, sent_at
-            now = self.clock()
-            if now + got / 1000.0 > lease_ends + 0.005:
-                # A new lease (the holder died or failed, and another waiter took over): its
-                # load deserves the same wait, up to twice the lease TTL in all.
-                lease_ends = now + got / 1000.0
-                deadline = min(max(deadline, lease_ends + 0.001), started + 2 * lease)
-            left = deadline - now
-            if left <= 0:
-                self.counters.lease_timeouts += 1
-                return False, sent_at
-            timeout = min(got / 1000.0 + 0.001, left)
-            if self.bus is None or not self.bus.connected.is_set():
-                timeout, pause = min(timeout, pause), min(pause * 2, 0.25)
-            self.counters.lease_waits += 1
-            yield Wait(signal, timeout)
+        signal: Flight | None = None
+        try:
+            while True:
+                signal = self.flights.await_fill(key)
+                op = _remote.wait_lease(key, marker, self.lease_ms)
+                sent_at = self.clock()
+                got = self._settle(op, (yield op) if self._allow() else _SKIPPED)
+                if got is FAILED:
+                    return False, sent_at
+                if type(got) is not int:
+                    return got, sent_at
+                now = self.clock()
+                if now + got / 1000.0 > lease_ends + 0.005:
+                    # A new lease (the holder died or failed, and another waiter took over):
+                    # its load deserves the same wait, up to twice the lease TTL in all.
+                    lease_ends = now + got / 1000.0
+                    deadline = min(max(deadline, lease_ends + 0.001), started + 2 * lease)
+                left = deadline - now
+                if left <= 0:
+                    self.counters.lease_timeouts += 1
+                    return False, sent_at
+                timeout = min(got / 1000.0 + 0.001, left)
+                if self.bus is None or not self.bus.connected.is_set():
+                    timeout, pause = min(timeout, pause), min(pause * 2, 0.25)
+                self.counters.lease_waits += 1
+                yield Wait(signal, timeout)
+        finally:
+            if signal is not None:
+                self.flights.drop_fill(signal)
 
     def refresh(self, key: str, policy: Policy, exclusive: bool = False) -> Flow:
         """Call the function now and write its result to both tiers, telling every node.
@@ -643,7 +660,9 @@ class Core:
         try:
             op = _remote.fetch_many(want, marker, self.lease_ms)
             sent_at = self.clock()
+            leased = list(want)  # until the reply says which: cancelled meanwhile, free them all
             found = self._settle(op, (yield op) if self._allow() else _SKIPPED)
+            leased = []
             load: list[int] = []
             for i, got in zip(missing, [FAILED] * len(want) if found is FAILED else found, strict=True):
                 key = keys[i]
@@ -782,26 +801,26 @@ class Core:
             return otherwise
         return (yield from then(key))
 
-    def apply_generation(self, generation: str) -> None:
-        """Adopt the namespace's generation (from the bus, or our own ``clear``): new keys
-        from now on, and L1 emptied (loads in flight dirtied) since it holds the old ones."""
-        if self.keyspace.advance(generation):
+    def apply_generation(self, generation: str, forward_only: bool = True) -> None:
+        """Adopt the namespace's generation (from the bus, our own ``clear``, or read when
+        subscribing: ``forward_only=False``): new keys from now on, and L1 emptied (loads in
+        flight dirtied) since it holds the old ones."""
+        if self.keyspace.advance(generation, forward_only):
             self.flights.flush(accepting=self.local.accepting, keep_stale=False)
 
     def clear(self, wait: float | None) -> Flow:
         """Drop every entry of the namespace in every process, in O(1): a new generation, so
         every key changes; the old entries are never read again and expire by their TTL."""
-        generation = secrets.token_hex(6)
         if not self.has_remote:
-            self.apply_generation(generation)
+            self.apply_generation(str(_generation_number(self.keyspace.generation) + 1))
             return WriteResult(None, None, None)
         ack_key = f"tc:{self.namespace}:ack:{secrets.token_hex(8)}" if wait is not None else ""
-        op = _remote.clear(self.seq_key, self.gen_key, self.channel, self.node_id, generation, ack_key)
+        op = _remote.clear(self.seq_key, self.gen_key, self.channel, self.node_id, ack_key)
         reply = self._settle(op, (yield op) if self._allow() else _SKIPPED)
         if reply is FAILED:
             return WriteResult(None, None, None)
+        seq, receivers, generation = reply
         self.apply_generation(generation)
-        seq, receivers = reply
         if wait is None:
             return WriteResult(seq, receivers)
         acknowledged = yield from self._await_acks(ack_key, receivers, wait)

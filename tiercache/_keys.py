@@ -424,10 +424,14 @@ class KeySpace:
     def register(self, maker: KeyMaker) -> None:
         self._makers.add(maker)
 
-    def advance(self, generation: str) -> bool:
-        """Adopt ``generation``; True if it changed. The root changes first, then every
-        registered KeyMaker forgets its memos (see ``KeyMaker.__call__``)."""
+    def advance(self, generation: str, forward_only: bool = True) -> bool:
+        """Adopt ``generation`` (a decimal number, "" for none yet); True if it changed. Only
+        a later one, unless not ``forward_only`` (what Redis holds when we subscribe is the
+        truth, even if it went backwards, e.g. after a FLUSHALL). The root changes first,
+        then every registered KeyMaker forgets its memos (see ``KeyMaker.__call__``)."""
         if generation == self.generation:
+            return False
+        if forward_only and _generation_number(generation) <= _generation_number(self.generation):
             return False
         self.generation = generation
         self.root = f"tc:{self.namespace}:{FORMAT_VERSION}:" + (f"g{generation}:" if generation else "")
@@ -438,6 +442,13 @@ class KeySpace:
     def user_key(self, key: str) -> str:
         """``user_key`` at the current generation."""
         return self.root + user_key(self.namespace, key)[len(f"tc:{self.namespace}:{FORMAT_VERSION}:") :]
+
+
+def _generation_number(generation: str) -> int:
+    try:
+        return int(generation or 0)
+    except ValueError:  # not ours: order it first, so any numbered generation replaces it
+        return -1
 
 
 class _KwMarker:

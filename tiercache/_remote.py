@@ -57,7 +57,7 @@ class RedisOp:
     """One Redis round trip: a command (plus ``more`` commands pipelined behind it, sent in one
     write and answered in one read) and how to read the reply (a list of replies with ``more``)."""
 
-    __slots__ = ("args", "more", "parse", "script")
+    __slots__ = ("args", "coalesce", "more", "parse", "script")
 
     def __init__(
         self,
@@ -65,11 +65,15 @@ class RedisOp:
         parse: Callable[[Any], Any] | None = None,
         script: Script | None = None,
         more: tuple[tuple[Any, ...], ...] = (),
+        coalesce: bool = False,
     ) -> None:
         self.args = args
         self.parse = parse
         self.script = script
         self.more = more
+        #: A quick read that may share a pipeline with other tasks' reads (``coalesce_reads``):
+        #: never a blocking command or a script.
+        self.coalesce = coalesce
 
     def fallback_args(self) -> tuple[Any, ...]:
         """The EVAL form of an EVALSHA op, for a server that does not know the script yet."""
@@ -198,12 +202,12 @@ def _parse_read(replies: list[Any]) -> tuple[bytes, int] | bool:
 
 def fetch(key: str, marker: bytes, lease_ms: int) -> RedisOp:
     """A read that takes the lease on a miss, in one round trip and without Lua (see above)."""
-    return RedisOp(("SET", key, marker, "NX", "PX", lease_ms, "GET"), _parse_read, more=(("PTTL", key),))
+    return RedisOp(("SET", key, marker, "NX", "PX", lease_ms, "GET"), _parse_read, more=(("PTTL", key),), coalesce=True)
 
 
 def peek(key: str) -> RedisOp:
     """A plain read (``cache.get``): GET and PTTL pipelined; no lease."""
-    return RedisOp(("GET", key), _parse_read, more=(("PTTL", key),))
+    return RedisOp(("GET", key), _parse_read, more=(("PTTL", key),), coalesce=True)
 
 
 def waiters_key(key: str) -> str:
@@ -350,7 +354,7 @@ def fetch_many(keys: Sequence[str], marker: bytes, lease_ms: int) -> RedisOp:
     """``fetch`` of several keys in one round trip (a pipeline, no Lua): parses to one
     ``(bytes, pttl)`` / True (our lease) / False (another's lease) per key."""
     commands = [c for key in keys for c in (("SET", key, marker, "NX", "PX", lease_ms, "GET"), ("PTTL", key))]
-    return RedisOp(commands[0], _parse_read_many, more=tuple(commands[1:]))
+    return RedisOp(commands[0], _parse_read_many, more=tuple(commands[1:]), coalesce=True)
 
 
 # KEYS: the values, then their waiter flags. ARGV[1] our marker, ARGV[2] ttl ms, ARGV[3]
@@ -404,7 +408,7 @@ def release_many(keys: Sequence[str], marker: bytes, channel: str, node_id: str)
 
 def versions(keys: Sequence[str]) -> RedisOp:
     """Version counters (tags, tenants): parses to their values, 0 for a counter never bumped."""
-    return RedisOp(("MGET", *keys), lambda reply: [int(v) if v else 0 for v in reply])
+    return RedisOp(("MGET", *keys), lambda reply: [int(v) if v else 0 for v in reply], coalesce=True)
 
 
 def read_seq(seq_key: str, gen_key: str) -> RedisOp:
@@ -414,19 +418,22 @@ def read_seq(seq_key: str, gen_key: str) -> RedisOp:
 
 
 # KEYS[1] the sequence counter, KEYS[2] the generation. ARGV[1] node id, ARGV[2] channel,
-# ARGV[3] the new generation, ARGV[4] ack list ('' none): clear the whole namespace.
+# ARGV[3] ack list ('' none): clear the whole namespace. Generations are numbered, so two
+# clears racing each other cannot leave a process on the older one.
 _CLEAR = Script("""
-redis.call('SET', KEYS[2], ARGV[3])
+local gen = tostring(redis.call('INCR', KEYS[2]))
 local seq = redis.call('INCR', KEYS[1])
-local receivers = redis.call('PUBLISH', ARGV[2], cjson.encode({n = ARGV[1], s = seq, k = {}, g = ARGV[3], a = ARGV[4]}))
-return {seq, receivers}
+local receivers = redis.call('PUBLISH', ARGV[2], cjson.encode({n = ARGV[1], s = seq, k = {}, g = gen, a = ARGV[3]}))
+return {seq, receivers, gen}
 """)
 
 
-def clear(seq_key: str, gen_key: str, channel: str, node_id: str, generation: str, ack_key: str = "") -> RedisOp:
-    """Start a new generation of the namespace; parses to ``(seq, receivers)``."""
+def clear(seq_key: str, gen_key: str, channel: str, node_id: str, ack_key: str = "") -> RedisOp:
+    """Start a new generation of the namespace; parses to ``(seq, receivers, generation)``."""
     return RedisOp(
-        ("EVALSHA", _CLEAR.sha, 2, seq_key, gen_key, node_id, channel, generation, ack_key), _parse_write, _CLEAR
+        ("EVALSHA", _CLEAR.sha, 2, seq_key, gen_key, node_id, channel, ack_key),
+        lambda r: (int(r[0]), int(r[1]), r[2].decode() if isinstance(r[2], bytes) else str(r[2])),
+        _CLEAR,
     )
 
 

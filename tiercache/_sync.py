@@ -70,7 +70,12 @@ class SyncRedis:
                 raise RemoteFailure() from exc
             raise
         self.pool.release(conn)
-        return reply if op.parse is None else op.parse(reply)
+        if op.parse is None:
+            return reply
+        try:
+            return op.parse(reply)
+        except Exception as exc:  # a reply we cannot read (e.g. a foreign value): fail open
+            raise RemoteFailure() from exc
 
     def close(self) -> None:
         self.pool.disconnect()
