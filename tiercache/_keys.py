@@ -407,8 +407,8 @@ class KeyMaker:
 class KeySpace:
     """A namespace's keys at its current generation.
 
-    ``cache.clear()`` sets a new generation token (in Redis, ``tc:{ns}:gen``) and every
-    process adopts it: keys are then ``tc:{ns}:v1:g<token>:...``, so every entry written
+    ``cache.clear()`` increments the generation (in Redis, ``tc:{ns}:gen``) and every
+    process adopts it: keys are then ``tc:{ns}:v1:g<n>:...``, so every entry written
     before is never read again (it expires by its TTL): a whole-namespace flush in O(1),
     with no KEYS or SCAN. Generation "" (never cleared) keeps the plain ``tc:{ns}:v1:``.
     """
