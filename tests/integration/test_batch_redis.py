@@ -155,9 +155,10 @@ def test_a_batch_costs_two_round_trips_with_misses_one_with_l2_hits_none_from_l1
 
 
 def test_async_batch_round_trips(own_redis: RedisServer, own_raw: redis.Redis, namespace: str) -> None:
+    cache = ready(TieredCache(own_redis.url, namespace=namespace))
+    other = ready(TieredCache(own_redis.url, namespace=namespace))
+
     async def scenario() -> None:
-        cache = ready(TieredCache(own_redis.url, namespace=namespace))
-        other = ready(TieredCache(own_redis.url, namespace=namespace))
         calls: list[list[str]] = []
 
         async def embed(items: list[str]) -> list[str]:
@@ -186,7 +187,11 @@ def test_async_batch_round_trips(own_redis: RedisServer, own_raw: redis.Redis, n
         await cache.aclose()
         await other.aclose()
 
-    asyncio.run(scenario())
+    try:
+        asyncio.run(scenario())
+    finally:
+        cache.close()  # the subscriber threads and the sync pools
+        other.close()
 
 
 WORKER = """
