@@ -651,7 +651,45 @@ class Core:
         self.counters.l1_hits += len(results)
         if not missing:
             return results
-        want = [keys[i] for i in missing]
+        # Single-flight per item: lead the keys no other call here is loading, join the rest.
+        led: list[tuple[int, Flight]] = []
+        joined: list[tuple[int, Flight]] = []
+        for i in missing:
+            flight, leader = self.flights.lead_or_join(keys[i])
+            (led if leader else joined).append((i, flight))
+        if led:
+            try:
+                got = yield from self._read_batch([keys[i] for i, _ in led], [items[i] for i, _ in led], policy, name)
+            except BaseException as exc:
+                for _, flight in led:
+                    self.flights.release(flight)
+                    if isinstance(exc, Exception):
+                        flight.fail(exc)
+                    else:
+                        flight.abandon()
+                raise
+            results.update(got)
+            for i, flight in led:
+                self.flights.release(flight)
+                flight.finish(got[keys[i]])
+        retry: list[int] = []
+        for i, flight in joined:
+            yield Wait(flight)
+            if flight.error is None and not flight.abandoned and flight.value is not MISSING:
+                results[keys[i]] = flight.value
+            else:  # that call failed or was cancelled: compute these ourselves
+                retry.append(i)
+        if retry:
+            results.update(
+                (yield from self._read_batch([keys[i] for i in retry], [items[i] for i in retry], policy, name))
+            )
+        return results
+
+    def _read_batch(self, want: Sequence[str], items: Sequence[Any], policy: Policy, name: str) -> Flow:
+        """``read_batch`` of keys missing from L1 that this call leads."""
+        keys = want
+        missing = list(range(len(want)))
+        results: dict[str, Any] = {}
         marker = LEASE_PREFIX + b"%s:%d" % (self._marker_base, next(self._markers))
         watches = self.flights.watch(want)
         entries: dict[str, tuple[Any, float, int]] = {}

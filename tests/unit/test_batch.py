@@ -379,3 +379,74 @@ def test_unreadable_values_in_redis_are_replaced(mode: Any, fake: Fake) -> None:
     assert mode.call(fb, ["x"]) == ["m1:'x'"]
     assert emb_b.batches == []
     assert b.stats().l2_hits == 1
+
+
+def test_concurrent_batches_compute_each_item_once_in_a_process() -> None:
+    """Two calls that miss the same items at once: the second waits for the first's items
+    (single-flight per item) and computes only the ones nobody else is computing."""
+    import threading
+
+    cache = TieredCache(namespace="batch-flight")
+    started, go = threading.Event(), threading.Event()
+    computed: list[list[str]] = []
+
+    @tiered_batch(cache)
+    def embed(texts: list[str]) -> list[str]:
+        computed.append(list(texts))
+        if len(computed) == 1:
+            started.set()
+            assert go.wait(5)
+        return [t.upper() for t in texts]
+
+    first: list[Any] = []
+    t = threading.Thread(target=lambda: first.append(embed(["a", "b"])))
+    t.start()
+    assert started.wait(5)
+    second: list[Any] = []
+    u = threading.Thread(target=lambda: second.append(embed(["b", "c", "a"])))
+    u.start()
+    assert not u.join(0.2) and u.is_alive(), "the second call did not wait for the first's items"
+    go.set()
+    t.join(5)
+    u.join(5)
+    assert first == [["A", "B"]] and second == [["B", "C", "A"]]
+    assert computed == [["a", "b"], ["c"]]
+    assert cache.stats().in_flight == 0
+
+
+def test_a_failed_batch_leaves_joined_items_to_the_waiting_call() -> None:
+    import threading
+
+    cache = TieredCache(namespace="batch-flight-fail")
+    started, go = threading.Event(), threading.Event()
+    computed: list[list[str]] = []
+
+    @tiered_batch(cache)
+    def embed(texts: list[str]) -> list[str]:
+        computed.append(list(texts))
+        if len(computed) == 1:
+            started.set()
+            assert go.wait(5)
+            raise RuntimeError("model down")
+        return [t.upper() for t in texts]
+
+    errors: list[BaseException] = []
+
+    def first() -> None:
+        try:
+            embed(["a"])
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=first)
+    t.start()
+    assert started.wait(5)
+    out: list[Any] = []
+    u = threading.Thread(target=lambda: out.append(embed(["a", "b"])))
+    u.start()
+    go.set()
+    t.join(5)
+    u.join(5)
+    assert len(errors) == 1 and out == [["A", "B"]]
+    assert sorted(map(sorted, computed[1:])) == [["a"], ["b"]], computed
+    assert cache.stats().in_flight == 0
