@@ -18,7 +18,7 @@ from redis.exceptions import NoScriptError
 
 from ._flight import Flight
 from ._flow import CALL, CallWith, Flow, Spawn, Wait
-from ._remote import PoolBusy, RedisOp, RemoteFailure
+from ._remote import PoolBusy, RedisOp, RemoteFailure, UnreadableReply
 from .errors import ConfigError
 
 __all__ = ["AsyncRedis", "drive"]
@@ -144,6 +144,7 @@ class AsyncRedis:
                 for op, future in batch:
                     replies = []
                     error: BaseException | None = None
+                    unreadable = False
                     for _ in range(1 + len(op.more)):
                         try:
                             replies.append(await conn.read_response())
@@ -159,15 +160,17 @@ class AsyncRedis:
                             )
                         except Exception as exc:  # noqa: BLE001 - a reply we cannot read: a failure
                             error = exc
+                            unreadable = True
+                    kind = UnreadableReply if unreadable else RemoteFailure
                     if future is None:
                         if error is not None:
-                            failure = RemoteFailure()
+                            failure = kind()
                             failure.__cause__ = error
                         else:
                             mine = outcome
                     elif not future.done():
                         if error is not None:
-                            wrapped = RemoteFailure()
+                            wrapped = kind()
                             wrapped.__cause__ = error
                             future.set_exception(wrapped)
                         else:
@@ -247,7 +250,7 @@ class AsyncRedis:
         try:
             return op.parse(reply)
         except Exception as exc:  # a reply we cannot read (e.g. a foreign value): fail open
-            raise RemoteFailure() from exc
+            raise UnreadableReply() from exc
 
     async def aclose(self) -> None:
         """Disconnect the pool of the running loop, and close what finished loops left."""

@@ -25,7 +25,7 @@ from ._flight import Flight, FlightTable
 from ._keys import KeySpace, _generation_number, scoped_key
 from ._local import LocalCache
 from ._metrics import CacheStats, Counters, RateLimitedLog
-from ._remote import FAILED, LEASE_PREFIX, Breaker, PoolBusy, RedisOp, RemoteFailure
+from ._remote import FAILED, LEASE_PREFIX, Breaker, PoolBusy, RedisOp, RemoteFailure, UnreadableReply
 from ._types import MISSING, RNG
 from .errors import BackendError, CodecError, LoadTimeoutError, ValueTooLargeError
 
@@ -509,8 +509,9 @@ class Core:
             return value, None, 0.0, sent_at
         ttl_s = policy.l2_ttl()
         sent_at = self.clock()
-        if found is True and flight.timed_out:  # its callers gave up: store nothing, free the key
-            yield from self._quietly(_remote.release(key, marker, self.channel, self.node_id))
+        if flight.timed_out:  # its callers gave up: store nothing (and free the key)
+            if found is True:
+                yield from self._quietly(_remote.release(key, marker, self.channel, self.node_id))
             return value, None, 0.0, sent_at
         if found is True:
             # invariant 3: lands only if no write or invalidation of the key came since the
@@ -651,38 +652,39 @@ class Core:
         self.counters.l1_hits += len(results)
         if not missing:
             return results
-        # Single-flight per item: lead the keys no other call here is loading, join the rest.
-        led: list[tuple[int, Flight]] = []
-        joined: list[tuple[int, Flight]] = []
-        for i in missing:
-            flight, leader = self.flights.lead_or_join(keys[i])
-            (led if leader else joined).append((i, flight))
-        if led:
-            try:
-                got = yield from self._read_batch([keys[i] for i, _ in led], [items[i] for i, _ in led], policy, name)
-            except BaseException as exc:
-                for _, flight in led:
+        # Single-flight per item: lead the keys no other call here is loading, join the rest;
+        # items whose call failed or was cancelled go round again (led or joined anew).
+        pending = missing
+        while pending:
+            led: list[tuple[int, Flight]] = []
+            joined: list[tuple[int, Flight]] = []
+            for i in pending:
+                flight, leader = self.flights.lead_or_join(keys[i])
+                (led if leader else joined).append((i, flight))
+            if led:
+                try:
+                    got = yield from self._read_batch(
+                        [keys[i] for i, _ in led], [items[i] for i, _ in led], policy, name
+                    )
+                except BaseException as exc:
+                    for _, flight in led:
+                        self.flights.release(flight)
+                        if isinstance(exc, Exception):
+                            flight.fail(exc)
+                        else:
+                            flight.abandon()
+                    raise
+                results.update(got)
+                for i, flight in led:
                     self.flights.release(flight)
-                    if isinstance(exc, Exception):
-                        flight.fail(exc)
-                    else:
-                        flight.abandon()
-                raise
-            results.update(got)
-            for i, flight in led:
-                self.flights.release(flight)
-                flight.finish(got[keys[i]])
-        retry: list[int] = []
-        for i, flight in joined:
-            yield Wait(flight)
-            if flight.error is None and not flight.abandoned and flight.value is not MISSING:
-                results[keys[i]] = flight.value
-            else:  # that call failed or was cancelled: compute these ourselves
-                retry.append(i)
-        if retry:
-            results.update(
-                (yield from self._read_batch([keys[i] for i in retry], [items[i] for i in retry], policy, name))
-            )
+                    flight.finish(got[keys[i]])
+            pending = []
+            for i, flight in joined:
+                yield Wait(flight)
+                if flight.error is None and not flight.abandoned and flight.value is not MISSING:
+                    results[keys[i]] = flight.value
+                else:
+                    pending.append(i)
         return results
 
     def _read_batch(self, want: Sequence[str], items: Sequence[Any], policy: Policy, name: str) -> Flow:
@@ -853,7 +855,8 @@ class Core:
             self.apply_generation(str(_generation_number(self.keyspace.generation) + 1))
             return WriteResult(None, None, None)
         ack_key = f"tc:{self.namespace}:ack:{secrets.token_hex(8)}" if wait is not None else ""
-        op = _remote.clear(self.seq_key, self.gen_key, self.channel, self.node_id, ack_key)
+        current = max(_generation_number(self.keyspace.generation), 0)
+        op = _remote.clear(self.seq_key, self.gen_key, self.channel, self.node_id, current, ack_key)
         reply = self._settle(op, (yield op) if self._allow() else _SKIPPED)
         if reply is FAILED:
             return WriteResult(None, None, None)
@@ -972,7 +975,7 @@ class Core:
         if reply is _SKIPPED:
             return FAILED
         if isinstance(reply, RemoteFailure):
-            if type(reply) is not PoolBusy:
+            if type(reply) is not PoolBusy and type(reply) is not UnreadableReply:
                 self.breaker.failure()
             self.counters.backend_errors += 1
             cause = reply.__cause__

@@ -18,6 +18,7 @@ __all__ = [
     "PoolBusy",
     "RedisOp",
     "RemoteFailure",
+    "UnreadableReply",
     "Script",
     "abandon_refresh",
     "ack",
@@ -83,6 +84,11 @@ class RedisOp:
 
 class RemoteFailure(Exception):
     """Raised by a driver into the flow when Redis failed; ``__cause__`` is the redis-py error."""
+
+
+class UnreadableReply(RemoteFailure):
+    """Redis answered, but with something we cannot read (a foreign value under one of our
+    keys): the call fails open, and the breaker does not count it (Redis is up)."""
 
 
 class PoolBusy(RemoteFailure):
@@ -418,20 +424,23 @@ def read_seq(seq_key: str, gen_key: str) -> RedisOp:
 
 
 # KEYS[1] the sequence counter, KEYS[2] the generation. ARGV[1] node id, ARGV[2] channel,
-# ARGV[3] ack list ('' none): clear the whole namespace. Generations are numbered, so two
-# clears racing each other cannot leave a process on the older one.
+# ARGV[3] ack list ('' none), ARGV[4] the caller's generation: clear the whole namespace.
+# Generations are numbered, so two clears racing each other cannot leave a process on the
+# older one; and the new number is above the caller's, so a lost (or foreign) counter cannot
+# hand out one every process would ignore.
 _CLEAR = Script("""
-local gen = tostring(redis.call('INCR', KEYS[2]))
+local gen = tostring(math.max(tonumber(redis.call('GET', KEYS[2])) or 0, tonumber(ARGV[4]) or 0) + 1)
+redis.call('SET', KEYS[2], gen)
 local seq = redis.call('INCR', KEYS[1])
 local receivers = redis.call('PUBLISH', ARGV[2], cjson.encode({n = ARGV[1], s = seq, k = {}, g = gen, a = ARGV[3]}))
 return {seq, receivers, gen}
 """)
 
 
-def clear(seq_key: str, gen_key: str, channel: str, node_id: str, ack_key: str = "") -> RedisOp:
+def clear(seq_key: str, gen_key: str, channel: str, node_id: str, current: int, ack_key: str = "") -> RedisOp:
     """Start a new generation of the namespace; parses to ``(seq, receivers, generation)``."""
     return RedisOp(
-        ("EVALSHA", _CLEAR.sha, 2, seq_key, gen_key, node_id, channel, ack_key),
+        ("EVALSHA", _CLEAR.sha, 2, seq_key, gen_key, node_id, channel, ack_key, current),
         lambda r: (int(r[0]), int(r[1]), r[2].decode() if isinstance(r[2], bytes) else str(r[2])),
         _CLEAR,
     )

@@ -27,7 +27,7 @@ from ._coherence import Bus
 from ._flight import Flight
 from ._flow import CALL, CallWith, Flow, Spawn, Wait
 from ._metrics import RateLimitedLog
-from ._remote import RedisOp, RemoteFailure, ack, read_seq
+from ._remote import RedisOp, RemoteFailure, UnreadableReply, ack, read_seq
 from ._types import RNG
 
 __all__ = ["Subscriber", "SyncRedis", "drive"]
@@ -75,7 +75,7 @@ class SyncRedis:
         try:
             return op.parse(reply)
         except Exception as exc:  # a reply we cannot read (e.g. a foreign value): fail open
-            raise RemoteFailure() from exc
+            raise UnreadableReply() from exc
 
     def close(self) -> None:
         self.pool.disconnect()

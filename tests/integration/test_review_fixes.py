@@ -130,3 +130,53 @@ def test_waits_for_other_processes_leave_no_signals_behind(redis_server: Any, ra
     finally:
         holder.close()
         waiter.close()
+
+
+@pytest.mark.parametrize("lost", ["deleted", "foreign"])
+def test_clear_works_after_the_generation_counter_was_lost(
+    redis_server: Any, raw: redis.Redis, namespace: str, lost: str
+) -> None:
+    a, b = (TieredCache(redis_server.url, namespace=namespace) for _ in range(2))
+    try:
+        assert a.ready(5) and b.ready(5)
+        for _ in range(3):
+            a.clear()
+        a.set("k", "old")
+        if lost == "deleted":
+            raw.delete(f"tc:{namespace}:gen")  # an eviction, a FLUSHDB, an operator
+        else:
+            raw.set(f"tc:{namespace}:gen", "9f3a1c0b7e2d")  # not a number
+        result = a.clear(wait=True)
+        assert result.seq is not None, result
+        assert a.get("k") is None
+        assert wait_until(lambda: b.get("k") is None)
+        assert a._core.keyspace.generation == b._core.keyspace.generation
+    finally:
+        a.close()
+        b.close()
+
+
+def test_an_unreadable_reply_does_not_open_the_breaker(redis_server: Any, raw: redis.Redis, namespace: str) -> None:
+    cache = TieredCache(redis_server.url, namespace=namespace, breaker_threshold=2)
+    try:
+        assert cache.ready(5)
+
+        @tiered(cache, tags=["users"])
+        def tagged(x: int) -> int:
+            return x
+
+        @tiered(cache)
+        def other(x: int) -> int:
+            return -x
+
+        other(1)
+        raw.set(f"tc:{namespace}:tag:{{users}}", "not-a-number")
+        for i in range(5):
+            assert tagged(i) == i
+        assert not cache._core.breaker.is_open
+        before = cache.stats().l2_hits
+        cache._core.local.clear()
+        assert other(1) == -1
+        assert cache.stats().l2_hits == before + 1, "Redis was skipped: the breaker counted a data problem"
+    finally:
+        cache.close()

@@ -450,3 +450,41 @@ def test_a_failed_batch_leaves_joined_items_to_the_waiting_call() -> None:
     assert len(errors) == 1 and out == [["A", "B"]]
     assert sorted(map(sorted, computed[1:])) == [["a"], ["b"]], computed
     assert cache.stats().in_flight == 0
+
+
+def test_after_a_failed_batch_its_waiters_retry_as_one() -> None:
+    """Six calls wait on one that fails: they retry single-flighted (one more call), not six."""
+    import threading
+    import time
+
+    cache = TieredCache(namespace="batch-flight-retry")
+    calls: list[list[int]] = []
+    lock = threading.Lock()
+
+    @tiered_batch(cache)
+    def f(xs: list[int]) -> list[int]:
+        with lock:
+            calls.append(list(xs))
+            n = len(calls)
+        time.sleep(0.2)
+        if n == 1:
+            raise RuntimeError("backend down")
+        return [x * 2 for x in xs]
+
+    out: list[Any] = []
+
+    def run() -> None:
+        try:
+            out.append(f([1, 2, 3]))
+        except RuntimeError as exc:
+            out.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(6)]
+    for t in threads:
+        t.start()
+        time.sleep(0.01)
+    for t in threads:
+        t.join(5)
+    assert len(calls) == 2, calls
+    assert sum(isinstance(o, RuntimeError) for o in out) == 1
+    assert out.count([2, 4, 6]) == 5
