@@ -224,9 +224,19 @@ def scoped_key(key: str, tenant: str | None, versions: list[int]) -> str:
     """``key`` in a scope: its tenant and the versions of its tags and tenant, digested and put
     before the hash tag (so the key's lease and refresh keys stay in its slot). Bumping any
     version makes a new key: the old entries are never read again and expire by TTL."""
-    scope = canonical_bytes((tenant, versions), "scope")
+    memo_key = (tenant, *versions)
+    segment = _SCOPES.get(memo_key)
+    if segment is None:
+        segment = "s" + xxhash.xxh3_128_hexdigest(canonical_bytes((tenant, versions), "scope")) + ":"
+        if len(_SCOPES) >= _MEMO_LIMIT:
+            _SCOPES.clear()
+        _SCOPES[memo_key] = segment
     i = key.rindex("{")
-    return key[:i] + "s" + xxhash.xxh3_128_hexdigest(scope) + ":" + key[i:]
+    return key[:i] + segment + key[i:]
+
+
+# (tenant, *versions) -> the key segment of that scope: the same few scopes serve every hit.
+_SCOPES: dict[tuple[Any, ...], str] = {}
 
 
 #: Request fields that do not change an LLM's answer, left out of ``llm_key``.
