@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
+import fakeredis
 import pytest
 import redis
 
@@ -179,3 +180,35 @@ def mode(request: pytest.FixtureRequest) -> Iterator[Mode]:
     m = Mode(request.param)
     yield m
     m.close()
+
+
+class FakeRedisCaches:
+    """One fakeredis server, a raw client on it, and caches made against it (coherent through
+    its pub/sub), closed by ``close()``: the unit tests' stand-in for a Redis deployment."""
+
+    def __init__(self, mode: Mode, namespace: str, **defaults: Any) -> None:
+        self.mode = mode
+        self.namespace = namespace
+        self.defaults = defaults
+        self.server = fakeredis.FakeServer()
+        self.raw = fakeredis.FakeRedis(server=self.server)
+        self.caches: list[Any] = []
+
+    def cache(self, **kwargs: Any) -> Any:
+        from tiercache import TieredCache
+
+        cache = TieredCache(
+            client=fakeredis.FakeRedis(server=self.server),
+            async_client=fakeredis.FakeAsyncRedis(server=self.server),
+            **{"namespace": self.namespace, **self.defaults, **kwargs},
+        )
+        self.caches.append(cache)
+        assert cache.ready(5)  # L1 takes entries once the invalidation subscriber is subscribed
+        return cache
+
+    def close(self) -> None:
+        for cache in self.caches:
+            if self.mode.is_async:
+                self.mode.run(cache.aclose())  # closes the async pool of the mode's loop too
+            else:
+                cache.close()

@@ -9,10 +9,10 @@ import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import fakeredis
 import numpy as np
 import pytest
 
+from tests.conftest import FakeRedisCaches
 from tiercache import ConfigError, TieredCache, tiered_batch
 from tiercache._remote import LEASE_PREFIX
 
@@ -52,38 +52,17 @@ class Embedder:
         return embed
 
 
-class Fake:
-    """One fakeredis server, a raw client on it, and caches on it (closed at teardown)."""
+class Fake(FakeRedisCaches):
+    """Caches on one fakeredis server, and what they left in it."""
 
     def __init__(self, mode: Any) -> None:
-        self.mode = mode
-        self.server = fakeredis.FakeServer()
-        self.raw = fakeredis.FakeRedis(server=self.server)
-        self.caches: list[TieredCache] = []
-
-    def cache(self, **kwargs: Any) -> TieredCache:
-        kwargs.setdefault("namespace", "batch")
-        cache = TieredCache(
-            client=fakeredis.FakeRedis(server=self.server),
-            async_client=fakeredis.FakeAsyncRedis(server=self.server),
-            **kwargs,
-        )
-        self.caches.append(cache)
-        assert cache.ready(5)
-        return cache
+        super().__init__(mode, "batch")
 
     def values(self) -> dict[bytes, bytes]:
         return {k: self.raw.get(k) for k in self.raw.keys(b"tc:batch:v1:*")}
 
     def markers(self) -> list[bytes]:
         return [k for k, v in self.values().items() if v is not None and v.startswith(LEASE_PREFIX)]
-
-    def close(self) -> None:
-        for cache in self.caches:
-            if self.mode.is_async:
-                self.mode.run(cache.aclose())
-            else:
-                cache.close()
 
 
 @pytest.fixture

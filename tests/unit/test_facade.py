@@ -10,6 +10,7 @@ from typing import Any
 import fakeredis
 import pytest
 
+from tests.conftest import FakeRedisCaches
 from tiercache import MISSING, CodecError, ConfigError, TieredCache, tiered
 
 
@@ -35,34 +36,12 @@ class Tier(enum.Enum):
     SILVER = "silver"
 
 
-class Env:
-    """One fake Redis server, a raw client on it, and caches made against it."""
+class Env(FakeRedisCaches):
+    """Caches on one fakeredis server, sharing a manual clock."""
 
     def __init__(self, mode: Any) -> None:
-        self.mode = mode
-        self.server = fakeredis.FakeServer()
-        self.raw = fakeredis.FakeRedis(server=self.server)
         self.clock = Clock()
-        self.caches: list[TieredCache] = []
-
-    def cache(self, **kwargs: Any) -> TieredCache:
-        kwargs.setdefault("namespace", "facade")
-        kwargs.setdefault("clock", self.clock)
-        cache = TieredCache(
-            client=fakeredis.FakeRedis(server=self.server),
-            async_client=fakeredis.FakeAsyncRedis(server=self.server),
-            **kwargs,
-        )
-        self.caches.append(cache)
-        assert cache.ready()  # L1 takes entries once the invalidation subscriber is subscribed
-        return cache
-
-    def close(self) -> None:
-        for cache in self.caches:
-            if self.mode.is_async:
-                self.mode.run(cache.aclose())
-            else:
-                cache.close()
+        super().__init__(mode, "facade", clock=self.clock)
 
 
 @pytest.fixture

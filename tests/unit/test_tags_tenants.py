@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule, run_state_machine_as_test
 
+from tests.conftest import FakeRedisCaches
 from tiercache import ConfigError, KeyEncodingError, TieredCache, tiered
 
 COMPUTED_IN: contextvars.ContextVar[str | None] = contextvars.ContextVar("computed_in", default=None)
@@ -69,32 +70,11 @@ def within(cache: TieredCache, tenant: str | None) -> Iterator[None]:
         COMPUTED_IN.reset(token)
 
 
-class FakePair:
+class FakePair(FakeRedisCaches):
     """Caches on one fakeredis server (coherent through its pub/sub)."""
 
     def __init__(self, mode: Any) -> None:
-        self.mode = mode
-        self.server = fakeredis.FakeServer()
-        self.raw = fakeredis.FakeRedis(server=self.server)
-        self.caches: list[TieredCache] = []
-
-    def cache(self, **kwargs: Any) -> TieredCache:
-        kwargs.setdefault("namespace", "tags")
-        cache = TieredCache(
-            client=fakeredis.FakeRedis(server=self.server),
-            async_client=fakeredis.FakeAsyncRedis(server=self.server),
-            **kwargs,
-        )
-        self.caches.append(cache)
-        assert cache.ready(5)
-        return cache
-
-    def close(self) -> None:
-        for cache in self.caches:
-            if self.mode.is_async:
-                self.mode.run(cache.aclose())
-            else:
-                cache.close()
+        super().__init__(mode, "tags")
 
 
 @pytest.fixture
