@@ -18,6 +18,9 @@ import fakeredis
 import pytest
 import redis
 
+from tests.stampede_support import Clock, Gate, Joined
+from tiercache._flight import Flight
+
 INSTALL_HINT = (
     "redis-server was not found on PATH. The integration tests start their own server: "
     "install it (Debian/Ubuntu: `apt-get install -y redis-server`; macOS: `brew install redis`) "
@@ -212,3 +215,31 @@ class FakeRedisCaches:
                 self.mode.run(cache.aclose())  # closes the async pool of the mode's loop too
             else:
                 cache.close()
+
+
+# -- the stampede tests' fixtures (their helpers live in tests/stampede_support.py) --
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def gate() -> Iterator[Gate]:
+    g = Gate()
+    yield g
+    g.open()
+
+
+@pytest.fixture
+def joined(monkeypatch: pytest.MonkeyPatch) -> Joined:
+    j = Joined()
+    original = Flight.add_waiter
+
+    def add_waiter(self: Flight, callback: Callable[[], None]) -> bool:
+        j.bump()
+        return original(self, callback)
+
+    monkeypatch.setattr(Flight, "add_waiter", add_waiter)
+    return j

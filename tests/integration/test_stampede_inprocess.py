@@ -19,73 +19,17 @@ import pytest
 import redis
 from integration_helpers import ready
 
+from tests.stampede_support import WAIT, AsyncOnly, Boom, Clock, Gate, Joined, crowd, eventually
 from tiercache import MISSING, LoadTimeoutError, TieredCache, tiered
 from tiercache._async import AsyncRedis
-from tiercache._flight import Flight
 
 pytestmark = pytest.mark.redis
 
-WAIT = 5.0  # seconds any test waits for another thread or task before failing (never reached when green)
 N = 8
 HARD = 0.2
 SOFT = 0.05
 SLACK = 1.5  # how much later than its timeout a released caller may return (a slow CI machine)
 EVERY_CALL = range(1, 10_000)  # Loader(held=...): every call is held at the gate
-
-
-class Clock:
-    """Real monotonic time plus an offset the test moves forward (L1 TTLs jumped over, timeouts real)."""
-
-    def __init__(self) -> None:
-        self.offset = 10_000.0
-
-    def __call__(self) -> float:
-        return time.monotonic() + self.offset
-
-    def advance(self, seconds: float) -> None:
-        self.offset += seconds
-
-
-class Gate:
-    """Holds a sync or async function until the test opens it (opened at teardown in any case)."""
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-
-    def open(self) -> None:
-        self.event.set()
-
-    def block(self) -> None:
-        assert self.event.wait(WAIT), "the gate was never opened"
-
-    async def ablock(self) -> None:
-        deadline = time.monotonic() + WAIT
-        while not self.event.is_set():
-            assert time.monotonic() < deadline, "the gate was never opened"
-            await asyncio.sleep(0.002)
-
-
-class Joined:
-    """Counts callers that wait on a flight instead of loading (``Flight.add_waiter`` calls)."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self._cond = threading.Condition()
-
-    def bump(self) -> None:
-        with self._cond:
-            self.count += 1
-            self._cond.notify_all()
-
-    def block(self, n: int) -> None:
-        with self._cond:
-            assert self._cond.wait_for(lambda: self.count >= n, WAIT), f"{self.count} of {n} callers joined"
-
-    async def ablock(self, n: int) -> None:
-        deadline = time.monotonic() + WAIT
-        while self.count < n:
-            assert time.monotonic() < deadline, f"{self.count} of {n} callers joined"
-            await asyncio.sleep(0)
 
 
 class Loader:
@@ -146,70 +90,6 @@ class Loader:
         return load
 
 
-class Boom(Exception):
-    pass
-
-
-def crowd(mode: Any, n: int, call: Callable[[], Any]) -> tuple[list[Any], float]:
-    """``n`` concurrent ``call()``s (threads, or tasks in async mode): results or exceptions,
-    and the seconds until the last returned."""
-    started = time.monotonic()
-    if mode.is_async:
-
-        async def gather() -> list[Any]:
-            return await asyncio.wait_for(asyncio.gather(*(call() for _ in range(n)), return_exceptions=True), WAIT)
-
-        results: list[Any] = mode.run(gather())
-        return results, time.monotonic() - started
-    results = [None] * n
-    go = threading.Event()
-
-    def run(i: int) -> None:
-        go.wait()
-        try:
-            results[i] = call()
-        except BaseException as exc:
-            results[i] = exc
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    started = time.monotonic()
-    go.set()
-    for t in threads:
-        t.join(WAIT)
-    assert not any(t.is_alive() for t in threads), "a caller is still waiting"
-    return results, time.monotonic() - started
-
-
-def eventually(mode: Any, predicate: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
-    """Wait until ``predicate()`` holds, running the test's event loop in async mode (where
-    background loads and refreshes are tasks)."""
-
-    async def apoll() -> bool:
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if time.monotonic() > deadline:
-                return False
-            await asyncio.sleep(0.002)
-        return True
-
-    if mode.is_async:
-        ok = mode.run(apoll())
-    else:
-        deadline = time.monotonic() + timeout
-        while not (ok := predicate()) and time.monotonic() < deadline:
-            time.sleep(0.002)
-    if not ok:
-        pytest.fail(f"timed out waiting for {what}")
-
-
-class AsyncOnly:
-    """What Loader needs of ``mode`` for scenarios that exist only in asyncio."""
-
-    is_async = True
-
-
 async def until(predicate: Callable[[], bool], what: str) -> None:
     deadline = time.monotonic() + WAIT
     while not predicate():
@@ -222,31 +102,6 @@ def stored(cache: TieredCache, raw: redis.Redis, key: str) -> Any:
     """The value Redis holds under ``key`` (None when empty; raises on a lease marker)."""
     data = raw.get(key)
     return None if data is None else cache._core.codec.decode(key, data)
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def gate() -> Iterator[Gate]:
-    g = Gate()
-    yield g
-    g.open()
-
-
-@pytest.fixture
-def joined(monkeypatch: pytest.MonkeyPatch) -> Joined:
-    j = Joined()
-    original = Flight.add_waiter
-
-    def add_waiter(self: Flight, callback: Callable[[], None]) -> bool:
-        j.bump()
-        return original(self, callback)
-
-    monkeypatch.setattr(Flight, "add_waiter", add_waiter)
-    return j
 
 
 @pytest.fixture
@@ -625,7 +480,7 @@ def test_refresh_after_one_background_refresh_for_many_callers(
     gate.open()
     eventually(mode, lambda: cache._core.local.get(key) == "v2", "the refresh to land in L1")
     assert stored(cache, raw, key) == "v2"
-    eventually(mode, lambda: cache.stats().in_flight == 0, "the refresh to end")
+    eventually(mode, lambda: not cache._core._refreshing, "the refresh to end")
     assert mode.call(f, 1) == "v2"
     assert loader.calls == 2
     assert cache.stats().refreshes_ahead == 1
@@ -650,7 +505,7 @@ def test_refresh_ahead_runs_in_one_cache_of_two(
     assert mode.call(f1, 1) == "v1"
     eventually(mode, lambda: loaders[0].calls == 2, "the first cache's refresh to start")
     assert mode.call(f2, 1) == "v1"
-    eventually(mode, lambda: second.stats().in_flight == 0, "the second cache's refresh attempt to end")
+    eventually(mode, lambda: not second._core._refreshing, "the second cache's refresh attempt to end")
     assert loaders[1].calls == 0
     gate.open()
     eventually(mode, lambda: stored(first, raw, key) == "v2", "the refresh to land in Redis")

@@ -17,90 +17,15 @@ import fakeredis
 import pytest
 
 import tiercache._flow
+from tests.stampede_support import WAIT, AsyncOnly, Boom, Clock, Gate, Joined, Mark, crowd, eventually
 from tiercache import ConfigError, LoadTimeoutError, TieredCache, tiered
 from tiercache._async import AsyncRedis
-from tiercache._flight import Flight
 from tiercache._sync import SyncRedis
 
-WAIT = 5.0  # seconds any test waits for another thread or task before failing (never reached when green)
 N = 8  # concurrent callers in the scenarios below
 HARD = 0.2  # a hard timeout that must elapse
 SOFT = 0.05  # a soft timeout that must elapse
 SLACK = 1.5  # how much later than its timeout a released caller may return (a slow CI machine)
-
-
-class Clock:
-    """Real monotonic time plus an offset the test moves forward: timeouts elapse as they
-    would, and TTLs are jumped over without sleeping."""
-
-    def __init__(self) -> None:
-        self.offset = 10_000.0
-
-    def __call__(self) -> float:
-        return time.monotonic() + self.offset
-
-    def advance(self, seconds: float) -> None:
-        self.offset += seconds
-
-
-class Gate:
-    """Holds a sync or async function until the test opens it (every gate opens at teardown,
-    so no worker thread stays stuck)."""
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-
-    def open(self) -> None:
-        self.event.set()
-
-    def block(self) -> None:
-        assert self.event.wait(WAIT), "the gate was never opened"
-
-    async def ablock(self) -> None:
-        deadline = time.monotonic() + WAIT
-        while not self.event.is_set():
-            assert time.monotonic() < deadline, "the gate was never opened"
-            await asyncio.sleep(0.002)
-
-
-class Joined:
-    """Counts callers that wait on a flight (instead of loading), so a function can hold its
-    load until a known number of callers are provably waiting for it."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self._cond = threading.Condition()
-
-    def bump(self) -> None:
-        with self._cond:
-            self.count += 1
-            self._cond.notify_all()
-
-    def reach(self, n: int) -> Mark:
-        return Mark(self, n)
-
-    def block(self, n: int) -> None:
-        with self._cond:
-            assert self._cond.wait_for(lambda: self.count >= n, WAIT), f"{self.count} of {n} callers joined"
-
-    async def ablock(self, n: int) -> None:
-        deadline = time.monotonic() + WAIT
-        while self.count < n:  # bumped on this loop's thread by the tasks that join
-            assert time.monotonic() < deadline, f"{self.count} of {n} callers joined"
-            await asyncio.sleep(0)
-
-
-class Mark:
-    """Something a call waits for: ``n`` callers joined."""
-
-    def __init__(self, joined: Joined, n: int) -> None:
-        self.joined, self.n = joined, n
-
-    def block(self) -> None:
-        self.joined.block(self.n)
-
-    async def ablock(self) -> None:
-        await self.joined.ablock(self.n)
 
 
 class Pause:
@@ -164,66 +89,6 @@ class Loader:
         return load
 
 
-class Boom(Exception):
-    pass
-
-
-def crowd(mode: Any, n: int, call: Callable[[], Any]) -> tuple[list[Any], float]:
-    """``n`` concurrent ``call()``s (threads in sync mode, tasks in async mode): each one's
-    result or exception, and the seconds until the last returned."""
-    started = time.monotonic()
-    if mode.is_async:
-
-        async def gather() -> list[Any]:
-            return await asyncio.wait_for(asyncio.gather(*(call() for _ in range(n)), return_exceptions=True), WAIT)
-
-        results: list[Any] = mode.run(gather())
-        return results, time.monotonic() - started
-    results = [None] * n
-
-    def run(i: int) -> None:
-        try:
-            results[i] = call()
-        except BaseException as exc:
-            results[i] = exc
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(WAIT)
-    assert not any(t.is_alive() for t in threads), "a caller is still waiting"
-    return results, time.monotonic() - started
-
-
-def eventually(mode: Any, predicate: Callable[[], bool], what: str) -> None:
-    """Wait (running the test's event loop in async mode, where background tasks live) until
-    ``predicate()`` holds."""
-
-    async def apoll() -> bool:
-        deadline = time.monotonic() + WAIT
-        while not predicate():
-            if time.monotonic() > deadline:
-                return False
-            await asyncio.sleep(0.002)
-        return True
-
-    if mode.is_async:
-        ok = mode.run(apoll())
-    else:
-        deadline = time.monotonic() + WAIT
-        while not (ok := predicate()) and time.monotonic() < deadline:
-            time.sleep(0.002)
-    if not ok:
-        pytest.fail(f"timed out waiting for {what}")
-
-
-class AsyncOnly:
-    """What Loader needs of the ``mode`` fixture, for scenarios that only exist in asyncio."""
-
-    is_async = True
-
-
 ASYNC = AsyncOnly()
 
 
@@ -236,36 +101,11 @@ async def async_until(predicate: Callable[[], bool], what: str) -> None:
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
 def l1(clock: Clock) -> Iterator[TieredCache]:
     """An L1-only cache on the test's clock."""
     cache = TieredCache(namespace="stampede", clock=clock, l1_ttl=1000)
     yield cache
     cache.close()
-
-
-@pytest.fixture
-def gate() -> Iterator[Gate]:
-    g = Gate()
-    yield g
-    g.open()
-
-
-@pytest.fixture
-def joined(monkeypatch: pytest.MonkeyPatch) -> Joined:
-    j = Joined()
-    original = Flight.add_waiter
-
-    def add_waiter(self: Flight, callback: Callable[[], None]) -> bool:
-        j.bump()
-        return original(self, callback)
-
-    monkeypatch.setattr(Flight, "add_waiter", add_waiter)
-    return j
 
 
 # -- single-flight of detached loads, failing and cancelled leaders --------------------------
@@ -580,7 +420,7 @@ def test_refresh_after_starts_one_background_refresh(mode: Any, l1: TieredCache,
     assert l1.stats().refreshes_ahead == 1
     gate.open()
     eventually(mode, lambda: l1._core.local.get(key) == "v2", "the refresh to land")
-    eventually(mode, lambda: l1.stats().in_flight == 0, "the refresh to leave the in-flight table")
+    eventually(mode, lambda: not l1._core._refreshing, "the refresh to end")
     assert mode.call(f, 1) == "v2"
     assert loader.calls == 2
     stats = l1.stats()
@@ -695,7 +535,7 @@ def test_xfetch_without_measured_load_time_refreshes_only_at_expiry(
         assert caches[1].stats().refreshes_ahead == 0
         assert mode.call(writer, 1) == "v"
         assert caches[0].stats().refreshes_ahead == 1
-        eventually(mode, lambda: caches[0].stats().in_flight == 0, "the writer's refresh to end")
+        eventually(mode, lambda: not caches[0]._core._refreshing, "the writer's refresh to end")
     finally:
         for c in caches:
             if mode.is_async:
