@@ -20,7 +20,7 @@ from . import _async, _sync
 from ._cache import TieredCache, _positive
 from ._coherence import WriteResult
 from ._flow import CallWith, Flow, Policy
-from ._keys import callable_name, canonical_bytes, digest, function_prefix, scoped_key, version_key
+from ._keys import callable_name, canonical_bytes, digest, function_prefix, scoped_key
 from .errors import BackendError, ConfigError
 
 __all__ = ["BatchFunction", "tiered_batch"]
@@ -92,27 +92,21 @@ class BatchFunction(Generic[P, T]):
 
         return keys, list(distinct), list(distinct.values()), call
 
+    def _scoped_keys(self, distinct: list[str]) -> Flow:
+        """The keys in the current tenant's scope (if any); None when its version cannot be read."""
+        tenant, names = self._cache._tenant_scope()
+        if not names:
+            return distinct
+        versions = yield from self._core.versions(names)
+        return None if versions is None else [scoped_key(k, tenant, versions) for k in distinct]
+
     def _flow(self, distinct: list[str], items: list[Any]) -> Flow:
-        """``read_batch`` of the distinct keys, in the current tenant's scope (if any)."""
-        var = self._cache._tenant_var
-        tenant = None if var is None else var.get()
-        if tenant is None:
-            return (yield from self._core.read_batch(distinct, items, self._policy, self._policy.name))
-        versions = yield from self._core.versions([version_key(self._cache.namespace, "tenant", tenant)])
-        if versions is None:  # the tenant's scope cannot be read: compute, cache nothing
+        scoped = yield from self._scoped_keys(distinct)
+        if scoped is None:  # the tenant's scope cannot be read: compute, cache nothing
             values = yield CallWith(items)
             return dict(zip(distinct, values, strict=True))
-        scoped = [scoped_key(k, tenant, versions) for k in distinct]
         found = yield from self._core.read_batch(scoped, items, self._policy, self._policy.name)
         return {k: found[s] for k, s in zip(distinct, scoped, strict=True)}
-
-    def _scoped_keys(self, distinct: list[str]) -> Flow:
-        var = self._cache._tenant_var
-        tenant = None if var is None else var.get()
-        if tenant is None:
-            return distinct
-        versions = yield from self._core.versions([version_key(self._cache.namespace, "tenant", tenant)])
-        return [] if versions is None else [scoped_key(k, tenant, versions) for k in distinct]
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> T:
         keys, distinct, items, call = self._prepare(args, kwargs)
@@ -130,8 +124,8 @@ class BatchFunction(Generic[P, T]):
         """The Redis key of each item of this call (in the current tenant's scope, whose
         version may take a round trip to read)."""
         keys, distinct = self._prepare(args, kwargs)[:2]
-        scoped: list[str] = _sync.drive(self._scoped_keys(distinct), self._cache._sync, None)
-        if not scoped:
+        scoped: list[str] | None = _sync.drive(self._scoped_keys(distinct), self._cache._sync, None)
+        if scoped is None:
             raise BackendError("the tenant's version cannot be read from Redis")
         mapping = dict(zip(distinct, scoped, strict=True))
         return [mapping[k] for k in keys]
@@ -148,7 +142,7 @@ class BatchFunction(Generic[P, T]):
 
     def _invalidate_flow(self, distinct: list[str]) -> Flow:
         keys = yield from self._scoped_keys(distinct)
-        return (yield from self._core.delete(keys, None))
+        return (yield from self._core.delete(keys or [], None))
 
     def __repr__(self) -> str:
         return f"<tiered_batch {self._policy.name}>"

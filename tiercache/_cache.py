@@ -292,10 +292,13 @@ class TieredCache:
 
     # -- flows shared by the sync methods and cache.aio --------------------------------------
 
-    def _user(self, key: str) -> tuple[str, str | None, list[str]]:
-        base = self._core.keyspace.user_key(key)
+    def _tenant_scope(self) -> tuple[str | None, list[str]]:
+        """The current tenant and the version key its scope depends on (none outside a tenant)."""
         tenant = None if self._tenant_var is None else self._tenant_var.get()
-        return base, tenant, [] if tenant is None else [version_key(self.namespace, "tenant", tenant)]
+        return tenant, [] if tenant is None else [version_key(self.namespace, "tenant", tenant)]
+
+    def _user(self, key: str) -> tuple[str, str | None, list[str]]:
+        return (self._core.keyspace.user_key(key), *self._tenant_scope())
 
     def _version_keys(self, kind: str, names: tuple[str, ...]) -> list[str]:
         return [version_key(self.namespace, kind, n) for n in names]

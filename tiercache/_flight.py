@@ -189,15 +189,6 @@ class FlightTable:
             woken = self._evict([w.key for w in watches])
         _wake(woken)
 
-    def fill_watched(self, watches: Sequence[Flight], values: Sequence[Any], expires_at: float, size: int) -> None:
-        """Reads (not writes) registered with ``watch``: put each value into L1 unless an
-        invalidation of its key came since, and drop the watches."""
-        with self._lock:
-            for w, value in zip(watches, values, strict=True):
-                self._unwatch(w)
-                if not w.dirty:
-                    self._local.put_until(w.key, value, expires_at, size)
-
     def fill_each(self, watches: Sequence[Flight], entries: dict[str, tuple[Any, float, int]]) -> None:
         """Reads of several keys (``watch`` ed): put ``entries`` (key -> value, expiry, size)
         into L1 for the keys no invalidation overtook, and drop every watch."""

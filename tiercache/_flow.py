@@ -345,10 +345,9 @@ class Core:
         except Exception as exc:
             self.flights.release(flight)
             if not isinstance(exc, BackendError) and self._still_stale(key, flight.stale):
+                # An inline leader is a caller too; a detached one is not (its callers count).
                 why = f"the function raised {type(exc).__name__}: {exc}"
-                self.log.emit("stale", "tiercache: answering %s with a stale value: %s", policy.name, why)
-                if not (load and policy.detached):  # an inline leader is a caller too
-                    self.counters.stale_served += 1
+                self._serve_stale(policy, why, count=not (load and policy.detached))
                 flight.served_stale = True
                 flight.finish(flight.stale)
                 return flight.stale
@@ -417,8 +416,9 @@ class Core:
         entry = self.local.entry(key)
         return entry is not None and entry[0] is stale and self.clock() < entry[4]
 
-    def _serve_stale(self, policy: Policy, why: str) -> None:
-        self.counters.stale_served += 1
+    def _serve_stale(self, policy: Policy, why: str, count: bool = True) -> None:
+        if count:
+            self.counters.stale_served += 1
         self.log.emit("stale", "tiercache: answering %s with a stale value: %s", policy.name, why)
 
     def _refresh_ahead(self, key: str, policy: Policy) -> Flow:
@@ -808,7 +808,8 @@ class Core:
         if got is FAILED:
             self.flights.unwatch(watches)
             return None
-        self.flights.fill_watched(watches, got, sent_at + self.l1_ttl, 8)
+        expires = sent_at + self.l1_ttl
+        self.flights.fill_each(watches, {n: (v, expires, 8) for n, v in zip(names, got, strict=True)})
         return got
 
     def scoped_read(self, base: str, tenant: str | None, names: Sequence[str], policy: Policy) -> Flow:
