@@ -121,28 +121,6 @@ LEASE_PREFIX = b"\xc7\x00"
 # or release that finds the flag publishes ``{"n": node, "f": [key]}`` on the invalidation
 # channel. Fills nobody waits for publish nothing.
 
-# KEYS[1] the value, KEYS[2] its waiter flag. ARGV[1] our marker, ARGV[2] bytes, ARGV[3] ttl
-# ms, ARGV[4] channel, ARGV[5] node id. Invariant 3: the fill lands only while our marker holds.
-_FILL = Script("""
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-if redis.call('DEL', KEYS[2]) == 1 then
-  redis.call('PUBLISH', ARGV[4], cjson.encode({n = ARGV[5], f = {KEYS[1]}}))
-end
-return 1
-""")
-
-# KEYS[1] the value, KEYS[2] its waiter flag. ARGV[1] our marker, ARGV[2] channel, ARGV[3]
-# node id: give the lease back (the load failed or stores nothing), waking any waiters.
-_RELEASE = Script("""
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1])
-if redis.call('DEL', KEYS[2]) == 1 then
-  redis.call('PUBLISH', ARGV[2], cjson.encode({n = ARGV[3], f = {KEYS[1]}}))
-end
-return 1
-""")
-
 # KEYS[1] the value, KEYS[2] its waiter flag. ARGV[1] our marker, ARGV[2] lease ms, ARGV[3]
 # the marker prefix. A value: {bytes, pttl}. Empty (the holder released, or its lease
 # expired): take the lease, nil. Another's marker: raise the waiter flag for as long as that
@@ -223,14 +201,15 @@ def waiters_key(key: str) -> str:
 
 def fill(key: str, marker: bytes, data: bytes, ttl_ms: int, channel: str, node_id: str) -> RedisOp:
     """Store a load's result if our lease marker is still there (announcing it to waiters);
-    parses to whether it landed."""
-    return RedisOp(
-        ("EVALSHA", _FILL.sha, 2, key, waiters_key(key), marker, data, ttl_ms, channel, node_id), bool, _FILL
-    )
+    parses to whether it landed. (``fill_many`` of one key: one script serves both.)"""
+    op = fill_many([key], marker, [data], ttl_ms, channel, node_id)
+    op.parse = lambda landed: landed == 1
+    return op
 
 
 def release(key: str, marker: bytes, channel: str, node_id: str) -> RedisOp:
-    return RedisOp(("EVALSHA", _RELEASE.sha, 2, key, waiters_key(key), marker, channel, node_id), None, _RELEASE)
+    """Give our lease of ``key`` back (waking waiters): ``release_many`` of one key."""
+    return release_many([key], marker, channel, node_id)
 
 
 def _parse_wait(reply: Any) -> tuple[bytes, int] | bool | int:
@@ -364,7 +343,8 @@ def fetch_many(keys: Sequence[str], marker: bytes, lease_ms: int) -> RedisOp:
 
 
 # KEYS: the values, then their waiter flags. ARGV[1] our marker, ARGV[2] ttl ms, ARGV[3]
-# channel, ARGV[4] node id, ARGV[5..] the bytes: ``fill`` of several keys, one round trip.
+# channel, ARGV[4] node id, ARGV[5..] the bytes. The fill of a load (one key) or a batch (several),
+# in one round trip. Invariant 3: a key is stored only while our marker still holds it.
 _FILL_MANY = Script("""
 local n = #KEYS / 2
 local landed, waited = 0, {}
@@ -379,7 +359,8 @@ if #waited > 0 then redis.call('PUBLISH', ARGV[3], cjson.encode({n = ARGV[4], f 
 return landed
 """)
 
-# KEYS: the values, then their waiter flags. ARGV[1] our marker, ARGV[2] channel, ARGV[3] node.
+# KEYS: the values, then their waiter flags. ARGV[1] our marker, ARGV[2] channel, ARGV[3] node:
+# give leases back (the load failed or stores nothing), waking whoever waits for them.
 _RELEASE_MANY = Script("""
 local n = #KEYS / 2
 local waited = {}
