@@ -656,6 +656,12 @@ class Core:
         # items whose call failed or was cancelled go round again (led or joined anew).
         pending = missing
         while pending:
+            if pending is not missing:  # a retry: the value may have landed in L1 meanwhile
+                for i in pending:
+                    value = self.local.get(keys[i])
+                    if value is not MISSING:
+                        results[keys[i]] = value
+                pending = [i for i in pending if keys[i] not in results]
             led: list[tuple[int, Flight]] = []
             joined: list[tuple[int, Flight]] = []
             for i in pending:

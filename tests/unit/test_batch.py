@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -13,6 +15,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import FakeRedisCaches
+from tests.stampede_support import Joined
 from tiercache import ConfigError, TieredCache, tiered_batch
 from tiercache._remote import LEASE_PREFIX
 
@@ -360,31 +363,29 @@ def test_unreadable_values_in_redis_are_replaced(mode: Any, fake: Fake) -> None:
     assert b.stats().l2_hits == 1
 
 
-def test_concurrent_batches_compute_each_item_once_in_a_process() -> None:
+def test_concurrent_batches_compute_each_item_once_in_a_process(joined: Joined) -> None:
     """Two calls that miss the same items at once: the second waits for the first's items
     (single-flight per item) and computes only the ones nobody else is computing."""
-    import threading
-
     cache = TieredCache(namespace="batch-flight")
-    started, go = threading.Event(), threading.Event()
+    go = threading.Event()
     computed: list[list[str]] = []
 
     @tiered_batch(cache)
     def embed(texts: list[str]) -> list[str]:
         computed.append(list(texts))
         if len(computed) == 1:
-            started.set()
             assert go.wait(5)
         return [t.upper() for t in texts]
 
     first: list[Any] = []
     t = threading.Thread(target=lambda: first.append(embed(["a", "b"])))
     t.start()
-    assert started.wait(5)
+    while not computed:  # the first call is computing ["a", "b"]
+        time.sleep(0.001)
     second: list[Any] = []
     u = threading.Thread(target=lambda: second.append(embed(["b", "c", "a"])))
     u.start()
-    assert not u.join(0.2) and u.is_alive(), "the second call did not wait for the first's items"
+    joined.block(1)  # the second call computed "c", then waits on the first's items
     go.set()
     t.join(5)
     u.join(5)
@@ -431,11 +432,8 @@ def test_a_failed_batch_leaves_joined_items_to_the_waiting_call() -> None:
     assert cache.stats().in_flight == 0
 
 
-def test_after_a_failed_batch_its_waiters_retry_as_one() -> None:
-    """Six calls wait on one that fails: they retry single-flighted (one more call), not six."""
-    import threading
-    import time
-
+def test_after_a_failed_batch_its_waiters_retry_as_one(joined: Joined) -> None:
+    """Five calls wait on one that fails: they retry single-flighted (one more call), not five."""
     cache = TieredCache(namespace="batch-flight-retry")
     calls: list[list[int]] = []
     lock = threading.Lock()
@@ -445,9 +443,10 @@ def test_after_a_failed_batch_its_waiters_retry_as_one() -> None:
         with lock:
             calls.append(list(xs))
             n = len(calls)
-        time.sleep(0.2)
         if n == 1:
+            joined.block(5)  # the five others wait on this call's items
             raise RuntimeError("backend down")
+        joined.block(5 + 4)  # the four that did not lead the retry wait on this one
         return [x * 2 for x in xs]
 
     out: list[Any] = []
@@ -458,11 +457,14 @@ def test_after_a_failed_batch_its_waiters_retry_as_one() -> None:
         except RuntimeError as exc:
             out.append(exc)
 
-    threads = [threading.Thread(target=run) for _ in range(6)]
-    for t in threads:
+    first = threading.Thread(target=run)
+    first.start()
+    while not calls:
+        time.sleep(0.001)
+    others = [threading.Thread(target=run) for _ in range(5)]
+    for t in others:
         t.start()
-        time.sleep(0.01)
-    for t in threads:
+    for t in [first, *others]:
         t.join(5)
     assert len(calls) == 2, calls
     assert sum(isinstance(o, RuntimeError) for o in out) == 1

@@ -7,9 +7,12 @@ import math
 import sys
 from typing import Any
 
+import prometheus_client
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from tiercache import KeyEncodingError, TieredCache, json_key, llm_key, tiered
 from tiercache._keys import normalize_json
@@ -244,7 +247,6 @@ def make_traffic(cache: TieredCache, misses: int, hits: int) -> None:
 
 
 def test_prometheus_collector_exports_the_stats() -> None:
-    prometheus_client = pytest.importorskip("prometheus_client")
     registry = prometheus_client.CollectorRegistry()
     a, b = TieredCache(namespace="prom-a"), TieredCache(namespace="prom-b")
     registry.register(PrometheusCollector(a, b))
@@ -275,7 +277,6 @@ def test_prometheus_collector_exports_the_stats() -> None:
 
 
 def test_prometheus_collector_prefix_and_arguments() -> None:
-    prometheus_client = pytest.importorskip("prometheus_client")
     registry = prometheus_client.CollectorRegistry()
     cache = TieredCache(namespace="prom")
     registry.register(PrometheusCollector(cache, prefix="myapp_cache"))
@@ -301,10 +302,6 @@ def otel_points(reader: Any) -> dict[tuple[str, str], float]:
 
 
 def test_opentelemetry_instruments_read_the_stats() -> None:
-    pytest.importorskip("opentelemetry.sdk")
-    from opentelemetry.sdk.metrics import MeterProvider
-    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-
     reader = InMemoryMetricReader()
     provider = MeterProvider(metric_readers=[reader])
     try:
