@@ -81,6 +81,17 @@ def _die_with_parent() -> None:
         pass
 
 
+def exit_on_signals() -> None:
+    """SIGTERM and SIGHUP raise SystemExit, so the benchmark's ``finally`` stops its server."""
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, on_signal)
+
+
 class RedisServer:
     """A redis-server owned by this process: a free loopback port, no persistence, stopped by pid."""
 
@@ -836,12 +847,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.redis_server:
         parser.error("redis-server not found on PATH (apt-get install redis-server), or pass --redis-server PATH")
 
-    def on_signal(signum: int, _frame: Any) -> None:
-        raise SystemExit(128 + signum)  # unwinds through the finally below, which stops the server
-
-    signal.signal(signal.SIGTERM, on_signal)
-    if hasattr(signal, "SIGHUP"):
-        signal.signal(signal.SIGHUP, on_signal)
+    exit_on_signals()
 
     server = RedisServer(args.redis_server)
     atexit.register(server.cleanup)  # a second line of defence; cleanup is idempotent

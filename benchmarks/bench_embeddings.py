@@ -43,7 +43,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import statistics
 import sys
 import threading
@@ -60,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import redis  # noqa: E402
-from bench_core import RedisServer, _loadavg, environment  # noqa: E402
+from bench_core import RedisServer, _loadavg, environment, exit_on_signals  # noqa: E402
 
 from tiercache import TieredCache, tiered, tiered_batch  # noqa: E402
 
@@ -1039,12 +1038,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.redis_server:
         parser.error("redis-server not found on PATH (apt-get install redis-server), or pass --redis-server PATH")
 
-    def on_signal(signum: int, _frame: Any) -> None:
-        raise SystemExit(128 + signum)  # unwinds through the finally below, which stops the server
-
-    signal.signal(signal.SIGTERM, on_signal)
-    if hasattr(signal, "SIGHUP"):
-        signal.signal(signal.SIGHUP, on_signal)
+    exit_on_signals()
 
     server = RedisServer(args.redis_server)
     atexit.register(server.cleanup)

@@ -58,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import redis
 import redis.asyncio
-from bench_core import RedisServer, _die_with_parent, _loadavg, environment
+from bench_core import RedisServer, _die_with_parent, _loadavg, environment, exit_on_signals
 
 from tiercache import TieredCache, tiered
 
@@ -939,12 +939,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.redis_server:
         parser.error("redis-server not found on PATH (apt-get install redis-server), or pass --redis-server PATH")
 
-    def on_signal(signum: int, _frame: Any) -> None:
-        raise SystemExit(128 + signum)  # unwinds through the finally below
-
-    signal.signal(signal.SIGTERM, on_signal)
-    if hasattr(signal, "SIGHUP"):
-        signal.signal(signal.SIGHUP, on_signal)
+    exit_on_signals()
 
     server = RedisServer(args.redis_server)
     atexit.register(server.cleanup)
