@@ -17,6 +17,7 @@ configured with the pickle serializer *and* a signing key, and the signature ver
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import datetime as dt
@@ -33,6 +34,7 @@ import threading
 import typing
 import uuid
 import zlib
+import zoneinfo
 from typing import Any
 
 import msgpack
@@ -58,12 +60,17 @@ _NONE, _ZLIB, _ZSTD = 0, 1, 2
 class MsgpackSerializer:
     """The default serializer: msgpack plus extension types; it cannot execute code.
 
-    Supports None, bool, int (any size), float, str, bytes, list, tuple, dict (any hashable
-    keys), set, frozenset, datetime, date, time, timedelta, Decimal, UUID, and — by
-    registered class only — dataclasses, pydantic models and enums. A class is registered
-    by :meth:`register`, by appearing in a ``@tiered`` function's return annotation, or by
-    being encoded once in this process. Bytes naming a class that is not registered decode
-    to a CodecError (a miss), never to an import.
+    A value read back from Redis has the same type and value as the one stored (what L1
+    returns): None, bool, int (any size), float, str (lone surrogates too), bytes, bytearray,
+    list, tuple, dict (any hashable keys, in order), set, frozenset, OrderedDict, Counter,
+    defaultdict (of a builtin factory), datetime, date, time (naive, a fixed offset or a
+    ``ZoneInfo``; ``fold`` kept), timedelta, Decimal, UUID, numeric and string numpy arrays
+    and scalars, and, by registered class only, dataclasses, pydantic models, namedtuples and
+    enums. Anything that would come back different (a subclass of a builtin, a masked array,
+    a datetime with another tzinfo class, ...) is refused when it is encoded, never stored
+    changed. A class is registered by :meth:`register`, by appearing in a ``@tiered``
+    function's return annotation, or by being encoded once in this process. Bytes naming a
+    class that is not registered decode to a CodecError (a miss), never to an import.
     """
 
     ident = 1
@@ -75,28 +82,40 @@ class MsgpackSerializer:
         self._lock = threading.Lock()
 
     def register(self, *classes: type) -> None:
-        """Allow these dataclass, pydantic or enum classes to be decoded."""
+        """Allow these dataclass, pydantic, namedtuple or enum classes to be decoded."""
         for cls in classes:
-            if not (
-                dataclasses.is_dataclass(cls)
-                or _is_pydantic_class(cls)
-                or (isinstance(cls, type) and issubclass(cls, enum.Enum))
-            ):
-                raise ConfigError(f"register({cls!r}): only dataclasses, pydantic models and enums")
+            if not _is_registrable(cls):
+                raise ConfigError(f"register({cls!r}): only dataclasses, pydantic models, namedtuples and enums")
             with self._lock:
                 self._types[_class_name(cls)] = cls
 
     def register_annotation(self, annotation: Any) -> None:
-        """Register every dataclass, pydantic model and enum found in a type annotation."""
+        """Register every dataclass, pydantic model, namedtuple and enum found in a type annotation."""
         for cls in _classes_in(annotation):
             self.register(cls)
 
     def dumps(self, value: Any) -> bytes:
-        data: bytes = msgpack.packb(value, default=self._default, strict_types=True, use_bin_type=True)
+        data: bytes = msgpack.packb(
+            value, default=self._default, strict_types=True, use_bin_type=True, unicode_errors="surrogatepass"
+        )
+        # msgpack writes a bytearray or memoryview as bin, which reads back as bytes, without
+        # asking ``default``. Only a body with a bin header byte can hold one: look for them
+        # then (a C-speed scan), in the lists and dicts msgpack walks itself (every other
+        # container is packed through dumps again, which looks inside it).
+        if (b"\xc4" in data or b"\xc5" in data or b"\xc6" in data) and _has_buffer(value):
+            data = msgpack.packb(
+                _swap_buffers(value),
+                default=self._default,
+                strict_types=True,
+                use_bin_type=True,
+                unicode_errors="surrogatepass",
+            )
         return data
 
     def loads(self, data: bytes) -> Any:
-        return msgpack.unpackb(data, ext_hook=self._ext_hook, strict_map_key=False, raw=False)
+        return msgpack.unpackb(
+            data, ext_hook=self._ext_hook, strict_map_key=False, raw=False, unicode_errors="surrogatepass"
+        )
 
     def _default(self, obj: Any) -> Any:
         t = type(obj)
@@ -107,12 +126,10 @@ class MsgpackSerializer:
         if isinstance(obj, enum.Enum):
             self._learn(t)
             return msgpack.ExtType(14, self.dumps([_class_name(t), obj.value]))
-        if t is dt.datetime:
-            return msgpack.ExtType(2, self.dumps([obj.replace(tzinfo=None).isoformat(), _offset_us(obj)]))
+        if t is dt.datetime or t is dt.time:
+            return msgpack.ExtType(2 if t is dt.datetime else 4, self.dumps(_clock_fields(obj)))
         if t is dt.date:
             return msgpack.ExtType(3, obj.isoformat().encode())
-        if t is dt.time:
-            return msgpack.ExtType(4, self.dumps([obj.replace(tzinfo=None).isoformat(), _offset_us(obj)]))
         if t is dt.timedelta:
             return msgpack.ExtType(5, self.dumps([obj.days, obj.seconds, obj.microseconds]))
         if t is decimal.Decimal:
@@ -121,29 +138,71 @@ class MsgpackSerializer:
             return msgpack.ExtType(7, obj.bytes)
         if t is set or t is frozenset:
             return msgpack.ExtType(8 if t is set else 9, self.dumps(list(obj)))
+        if t is collections.OrderedDict or t is collections.Counter:
+            return msgpack.ExtType(19 if t is collections.OrderedDict else 20, self.dumps(dict(obj)))
+        if t is collections.defaultdict:
+            factory = obj.default_factory
+            if factory is not None and _FACTORIES.get(getattr(factory, "__name__", None)) is not factory:
+                raise TypeError(
+                    f"a defaultdict whose default_factory is {factory!r} cannot be stored (only None or "
+                    f"one of {', '.join(sorted(_FACTORIES))}): return dict(value), or use PickleSerializer"
+                )
+            return msgpack.ExtType(21, self.dumps([None if factory is None else factory.__name__, dict(obj)]))
+        numpy = sys.modules.get("numpy")
+        if numpy is not None and isinstance(obj, (numpy.ndarray, numpy.generic)):
+            return self._numpy(numpy, obj)
         if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
             self._learn(t)
-            fields = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.init}
-            return msgpack.ExtType(10, self.dumps([_class_name(t), fields]))
+            # Every field (init=False ones too) and any other instance attribute: the value is
+            # rebuilt with that state, without running __init__ or __post_init__ again.
+            fields = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+            extra = {k: v for k, v in getattr(obj, "__dict__", {}).items() if k not in fields}
+            return msgpack.ExtType(10, self.dumps([_class_name(t), fields, extra]))
         if _is_pydantic_class(t):
             self._learn(t)
-            return msgpack.ExtType(11, self.dumps([_class_name(t), obj.model_dump(mode="python")]))
-        # Subclasses of builtins (OrderedDict, a str subclass, ...) are stored as the builtin.
-        for base in (dict, list, str, bytes, float, int):
+            # The model's state as pydantic pickles it (field values by name, extras, the set
+            # of fields set, private attributes), not model_dump: a dump drops excluded fields,
+            # adds computed ones and uses names where validation wants aliases.
+            state = obj.__getstate__()
+            parts = [state["__dict__"], state["__pydantic_extra__"], state["__pydantic_fields_set__"]]
+            return msgpack.ExtType(11, self.dumps([_class_name(t), *parts, state["__pydantic_private__"]]))
+        if _is_namedtuple(t):
+            self._learn(t)
+            return msgpack.ExtType(16, self.dumps([_class_name(t), list(obj)]))
+        for base in (dict, list, tuple, set, frozenset, str, bytes, bytearray, float, int, complex):
             if isinstance(obj, base):
-                return base(obj)  # type: ignore[arg-type]
-        if isinstance(obj, (bytearray, memoryview)):
-            return bytes(obj)
-        numpy = sys.modules.get("numpy")
-        if numpy is not None:
-            if isinstance(obj, numpy.ndarray):
-                if obj.dtype.kind not in _NUMPY_KINDS:
-                    raise TypeError(f"msgpack serializer stores numeric numpy arrays only, not dtype {obj.dtype}")
-                data = numpy.ascontiguousarray(obj).tobytes()
-                return msgpack.ExtType(15, self.dumps([obj.dtype.str, list(obj.shape), data]))
-            if isinstance(obj, numpy.generic) and obj.dtype.kind in _NUMPY_KINDS:
-                return obj.item()  # a numpy scalar: stored as the Python number
+                raise TypeError(
+                    f"{_class_name(t)} is a subclass of {base.__name__}, which would come back from Redis "
+                    f"as a plain {base.__name__}: return a plain {base.__name__} (or a namedtuple, dataclass "
+                    "or pydantic model), or use PickleSerializer"
+                )
         raise TypeError(f"msgpack serializer cannot encode a {t.__qualname__}")
+
+    def _numpy(self, numpy: Any, obj: Any) -> msgpack.ExtType:
+        t = type(obj)
+        kind = obj.dtype.kind
+        if kind not in _NUMPY_KINDS:
+            raise TypeError(
+                f"msgpack serializer stores numpy values of numeric, datetime and string dtypes only, "
+                f"not dtype {obj.dtype} (object and structured dtypes need PickleSerializer)"
+            )
+        if isinstance(obj, numpy.ndarray):
+            if t is not numpy.ndarray:
+                raise TypeError(
+                    f"{_class_name(t)} is a subclass of numpy.ndarray, which would come back as a plain "
+                    "ndarray (a masked array without its mask): return a plain array (and the mask "
+                    "separately), or use PickleSerializer"
+                )
+            data = numpy.ascontiguousarray(obj).tobytes()
+            fields: list[Any] = [obj.dtype.str, list(obj.shape), data]
+            if not obj.flags.writeable:
+                fields.append(False)  # read-only comes back read-only, writable writable
+            return msgpack.ExtType(15, self.dumps(fields))
+        if t is not obj.dtype.type:
+            raise TypeError(f"{_class_name(t)} is a subclass of a numpy scalar type: use PickleSerializer")
+        # Strings by value: a fixed-width buffer would drop trailing NULs the scalar keeps.
+        payload = obj[:] if kind in "SU" else obj.tobytes()  # [:]: the plain str or bytes
+        return msgpack.ExtType(18, self.dumps([obj.dtype.str, payload]))
 
     def _learn(self, cls: type) -> None:
         name = _class_name(cls)
@@ -163,14 +222,10 @@ class MsgpackSerializer:
     def _ext_hook(self, code: int, data: bytes) -> Any:
         if code == 1:
             return tuple(self.loads(data))
-        if code == 2:
-            text, offset = self.loads(data)
-            return dt.datetime.fromisoformat(text).replace(tzinfo=_zone(offset))
+        if code in (2, 4):
+            return _clock_value(dt.datetime if code == 2 else dt.time, self.loads(data))
         if code == 3:
             return dt.date.fromisoformat(data.decode())
-        if code == 4:
-            text, offset = self.loads(data)
-            return dt.time.fromisoformat(text).replace(tzinfo=_zone(offset))
         if code == 5:
             days, seconds, micros = self.loads(data)
             return dt.timedelta(days=days, seconds=seconds, microseconds=micros)
@@ -186,37 +241,178 @@ class MsgpackSerializer:
             return int(data.decode(), 16)
         if code == 15:
             return _decode_array(self.loads(data))
-        if code in (10, 11, 14):
-            name, payload = self.loads(data)
+        if code == 17:
+            return bytearray(data)
+        if code == 18:
+            return _decode_scalar(self.loads(data))
+        if code == 19:
+            return collections.OrderedDict(self.loads(data))
+        if code == 20:
+            return collections.Counter(self.loads(data))
+        if code == 21:
+            factory_name, items = self.loads(data)
+            return collections.defaultdict(None if factory_name is None else _FACTORIES[factory_name], items)
+        if code in (10, 11, 14, 16):
+            name, *payload = self.loads(data)
             cls: Any = self._registered(name)
             if code == 10 and dataclasses.is_dataclass(cls) and isinstance(cls, type):
-                return cls(**payload)
+                return _decode_dataclass(cls, payload)
             if code == 11 and _is_pydantic_class(cls):
-                return cls.model_validate(payload)
+                return _decode_pydantic(cls, payload)
             if code == 14 and issubclass(cls, enum.Enum):
-                return cls(payload)
+                return cls(*payload)
+            if code == 16 and _is_namedtuple(cls):
+                return cls._make(*payload)
         raise CodecError(f"unknown msgpack extension type {code}")
 
 
-# Numeric dtypes only (bool, ints, floats, complex): an object array would need pickle.
-_NUMPY_KINDS = frozenset("biufc")
+def _has_buffer(obj: Any) -> bool:
+    """Whether a bytearray or memoryview is in ``obj`` or the lists and dicts in it."""
+    t = type(obj)
+    if t is bytearray or t is memoryview:
+        return True
+    if t is list:
+        return any(map(_has_buffer, obj))
+    if t is dict:
+        return any(map(_has_buffer, obj)) or any(map(_has_buffer, obj.values()))
+    return False
+
+
+def _swap_buffers(obj: Any) -> Any:
+    """``obj`` with every bytearray (in it, or in its lists and dicts) as extension 17."""
+    t = type(obj)
+    if t is bytearray:
+        return msgpack.ExtType(17, bytes(obj))
+    if t is memoryview:
+        raise TypeError("a memoryview borrows another object's memory: return bytes(view) or bytearray(view)")
+    if t is list:
+        return [_swap_buffers(x) for x in obj]
+    if t is dict:
+        return {_swap_buffers(k): _swap_buffers(v) for k, v in obj.items()}
+    return obj
+
+
+# Fixed-size dtypes whose bytes are the value: bool, ints, floats, complex, datetime64,
+# timedelta64, bytes and str. Object and structured arrays would need pickle.
+_NUMPY_KINDS = frozenset("biufcmMSU")
+
+# The default_factory values a stored defaultdict may have (a name read from Redis is never imported).
+_FACTORIES: dict[Any, Any] = {
+    f.__name__: f for f in (list, dict, set, frozenset, tuple, int, float, str, bytes, bool, bytearray)
+}
 
 
 def _decode_array(fields: Any) -> Any:
-    """A numpy array stored by the msgpack serializer: dtype string, shape, raw bytes. Read-only
-    (it shares the bytes it was decoded from, and L1 hands the same object to every caller)."""
-    try:
-        import numpy  # noqa: PLC0415 - optional, and only when an array is read
-    except ImportError:
-        raise CodecError("value is a numpy array, but numpy is not installed here") from None
-    dtype_str, shape, raw = fields
+    """A numpy array stored by the msgpack serializer: dtype string, shape, raw bytes, and
+    ``False`` if it was read-only. It comes back writable or read-only as it was stored (L1
+    hands out the stored object itself, so an L2 hit must agree with it), C-contiguous."""
+    numpy = _numpy_or_error()
+    dtype_str, shape, raw, *flags = fields
     dtype = numpy.dtype(dtype_str)
     if dtype.kind not in _NUMPY_KINDS:
-        raise CodecError(f"numpy array of dtype {dtype_str!r} refused: numeric dtypes only")
+        raise CodecError(f"numpy array of dtype {dtype_str!r} refused: numeric, datetime and string dtypes only")
     count = math.prod(shape)
     if count * dtype.itemsize != len(raw):
         raise CodecError(f"numpy array of shape {shape} and dtype {dtype_str} does not match its {len(raw)} bytes")
-    return numpy.frombuffer(raw, dtype=dtype).reshape(shape)
+    array = numpy.frombuffer(raw, dtype=dtype).reshape(shape)  # read-only: it shares ``raw``
+    return array if flags == [False] else array.copy()
+
+
+def _decode_scalar(fields: Any) -> Any:
+    numpy = _numpy_or_error()
+    dtype_str, payload = fields
+    dtype = numpy.dtype(dtype_str)
+    if dtype.kind not in _NUMPY_KINDS:
+        raise CodecError(f"numpy scalar of dtype {dtype_str!r} refused: numeric, datetime and string dtypes only")
+    if dtype.kind in "SU":
+        return dtype.type(payload)
+    if len(payload) != dtype.itemsize:
+        raise CodecError(f"numpy scalar of dtype {dtype_str} does not match its {len(payload)} bytes")
+    return numpy.frombuffer(payload, dtype=dtype)[0]
+
+
+def _numpy_or_error() -> Any:
+    try:
+        import numpy  # noqa: PLC0415 - optional, and only when an array is read
+    except ImportError:
+        raise CodecError("value is a numpy array or scalar, but numpy is not installed here") from None
+    return numpy
+
+
+def _decode_dataclass(cls: Any, payload: list[Any]) -> Any:
+    if len(payload) == 1:  # written by tiercache < 0.x: the init fields only
+        return cls(**payload[0])
+    fields, extra = payload
+    names = {f.name for f in dataclasses.fields(cls)}
+    if set(fields) != names:
+        raise CodecError(f"stored fields of {_class_name(cls)} do not match its fields {sorted(names)}")
+    obj = object.__new__(cls)
+    for name, value in (*fields.items(), *extra.items()):
+        object.__setattr__(obj, name, value)  # frozen dataclasses too
+    return obj
+
+
+def _decode_pydantic(cls: Any, payload: list[Any]) -> Any:
+    if len(payload) == 1:  # written by tiercache < 0.x: model_dump()
+        return cls.model_validate(payload[0])
+    fields, extra, fields_set, private = payload
+    if set(fields) != set(cls.model_fields):
+        raise CodecError(f"stored fields of {_class_name(cls)} do not match its fields {sorted(cls.model_fields)}")
+    obj = cls.__new__(cls)
+    state = {
+        "__dict__": fields,
+        "__pydantic_extra__": extra,
+        "__pydantic_fields_set__": set(fields_set),
+        "__pydantic_private__": private,
+    }
+    obj.__setstate__(state)
+    return obj
+
+
+def _clock_fields(obj: dt.datetime | dt.time) -> list[Any]:
+    """[wall time in ISO format, UTC offset in microseconds or None], then, only if needed,
+    the zone (``["zoneinfo", key]`` or ``["name", tzname]`` of a named fixed offset) and fold.
+
+    The offset is exact (isoformat loses sub-second offsets). A tzinfo that is neither a
+    ``datetime.timezone`` nor a ``ZoneInfo`` with a key would come back as another class
+    (pytz, dateutil): refused."""
+    tz = obj.tzinfo
+    zone: list[str] | None = None
+    if type(tz) is dt.timezone:
+        offset = tz.utcoffset(None)
+        name = tz.tzname(None)
+        if name != dt.timezone(offset).tzname(None):
+            zone = ["name", name]
+    elif type(tz) is zoneinfo.ZoneInfo and tz.key is not None:
+        zone = ["zoneinfo", tz.key]
+    elif tz is not None:
+        raise TypeError(
+            f"a {type(obj).__name__} with a tzinfo of type {_class_name(type(tz))} would come back with "
+            "another tzinfo class: convert it to datetime.timezone.utc or a zoneinfo.ZoneInfo, "
+            "or use PickleSerializer"
+        )
+    offset_us = _offset_us(obj)
+    fields: list[Any] = [obj.replace(tzinfo=None, fold=0).isoformat(), offset_us]
+    if zone is not None or obj.fold:
+        fields += [zone, obj.fold]
+    return fields
+
+
+def _clock_value(kind: type[dt.datetime] | type[dt.time], fields: list[Any]) -> Any:
+    text, offset, *rest = fields
+    zone, fold = rest if rest else (None, 0)
+    if zone is None:
+        tz = _zone(offset)
+    elif zone[0] == "zoneinfo":
+        tz = zoneinfo.ZoneInfo(zone[1])
+    elif zone[0] == "name" and offset is not None:
+        tz = dt.timezone(dt.timedelta(microseconds=offset), zone[1])
+    else:
+        raise CodecError(f"unknown time zone {zone!r}")
+    value = kind.fromisoformat(text).replace(tzinfo=tz, fold=fold)
+    if _offset_us(value) != offset:  # another tz database here: not the instant that was stored
+        raise CodecError(f"time zone {zone!r} has another UTC offset here than where the value was stored")
+    return value
 
 
 class JsonSerializer:
@@ -253,10 +449,7 @@ class PickleSerializer:
 
 
 def _offset_us(obj: dt.datetime | dt.time) -> int | None:
-    """The UTC offset in microseconds (exactly: isoformat loses sub-second offsets), or None.
-
-    A named zone (ZoneInfo) is stored as its offset at that moment: the value comes back with
-    a fixed-offset timezone, the same instant and wall time."""
+    """The UTC offset in microseconds (exactly: isoformat loses sub-second offsets), or None."""
     offset = obj.utcoffset()
     return None if offset is None else offset // dt.timedelta(microseconds=1)
 
@@ -273,6 +466,16 @@ def _is_pydantic_class(cls: Any) -> bool:
     return isinstance(cls, type) and hasattr(cls, "model_validate") and hasattr(cls, "model_fields")
 
 
+def _is_namedtuple(cls: Any) -> bool:
+    return isinstance(cls, type) and issubclass(cls, tuple) and hasattr(cls, "_fields") and hasattr(cls, "_make")
+
+
+def _is_registrable(cls: Any) -> bool:
+    return isinstance(cls, type) and (
+        dataclasses.is_dataclass(cls) or _is_pydantic_class(cls) or _is_namedtuple(cls) or issubclass(cls, enum.Enum)
+    )
+
+
 def _classes_in(annotation: Any) -> list[type]:
     found: list[type] = []
     stack = [annotation]
@@ -282,15 +485,13 @@ def _classes_in(annotation: Any) -> list[type]:
         if id(ann) in seen:
             continue
         seen.add(id(ann))
-        if isinstance(ann, type) and (
-            dataclasses.is_dataclass(ann) or _is_pydantic_class(ann) or issubclass(ann, enum.Enum)
-        ):
+        if _is_registrable(ann):
             found.append(ann)
-            if dataclasses.is_dataclass(ann):
+            if dataclasses.is_dataclass(ann) or _is_namedtuple(ann):
                 with contextlib.suppress(Exception):  # unresolvable hints only lose auto-registration
                     stack.extend(typing.get_type_hints(ann).values())
             elif _is_pydantic_class(ann):
-                stack.extend(f.annotation for f in ann.model_fields.values())  # type: ignore[attr-defined]
+                stack.extend(f.annotation for f in ann.model_fields.values())
         stack.extend(typing.get_args(ann))
     return found
 
@@ -302,8 +503,20 @@ def _zstd() -> Any:
         return None
 
 
+class Envelope(bytes):
+    """The bytes :meth:`Codec.encode` returns; ``held`` is the size L1 counts for the value."""
+
+    held: int
+
+
 class Codec:
-    """Encodes values into envelopes and decodes them back, for one cache configuration."""
+    """Encodes values into envelopes and decodes them back, for one cache configuration.
+
+    :meth:`held_size` is what ``l1_maxbytes`` counts for a value: the length of its serialized
+    body before compression, a cheap stand-in for the memory the decoded value takes in this
+    process (a string, bytes or an array takes about that; compressed bytes may be 1000 times
+    smaller). It is known, without extra work, right after ``encode`` or ``decode``.
+    """
 
     def __init__(
         self,
@@ -361,6 +574,7 @@ class Codec:
         except Exception as exc:  # any serializer failure means "not cacheable"
             name = self.serializer.name
             raise CodecError(f"cannot serialize a {type(value).__qualname__} with {name}: {exc}") from exc
+        held = len(body)
         flags = _NONE
         if self._compression and len(body) >= self._threshold:
             packed = self._compress(body)
@@ -373,9 +587,34 @@ class Codec:
         if self._key is not None:
             flags |= _SIGNED
         header = bytes((MAGIC, ENVELOPE_VERSION, self.serializer.ident, flags))
-        if self._key is None:
-            return header + body
-        return header + self._mac(key, header, body) + body
+        envelope = Envelope(header + body if self._key is None else header + self._mac(key, header, body) + body)
+        envelope.held = held
+        return envelope
+
+    def held_size(self, data: bytes) -> int:
+        """The size ``l1_maxbytes`` counts for the value in ``data``: its serialized length
+        before compression. O(1) for what :meth:`encode` returned and for the bytes this
+        thread last decoded; other envelopes are measured (a zlib body is decompressed)."""
+        held = getattr(data, "held", None)
+        if held is not None:
+            return int(held)
+        last = getattr(self._per_thread, "decoded", None)
+        if last is not None and last[0] is data:
+            self._per_thread.decoded = None
+            return int(last[1])
+        if len(data) < HEADER_LEN:
+            return len(data)
+        flags = data[3]
+        start = HEADER_LEN + (MAC_LEN if flags & _SIGNED else 0)
+        compression = flags & _COMPRESSION_MASK
+        if compression == _ZSTD and self._zstd is not None:
+            declared = int(self._zstd.frame_content_size(data[start:]))
+            if declared >= 0:
+                return declared
+        if compression:
+            with contextlib.suppress(CodecError):
+                return len(self._decompress("?", compression, data[start:]))
+        return max(0, len(data) - start)
 
     def decode(self, key: str, data: bytes) -> Any:
         """The value in ``data``; CodecError for anything unknown, corrupt or unsigned."""
@@ -401,11 +640,13 @@ class Codec:
         if compression:
             body = self._decompress(key, compression, body)
         try:
-            return self.serializer.loads(body)
+            value = self.serializer.loads(body)
         except CodecError:
             raise
         except Exception as exc:  # garbage from Redis is a miss, whatever it raises
             raise CodecError(f"{key}: cannot decode body with {self.serializer.name}: {repr(exc)[:200]}") from exc
+        self._per_thread.decoded = (data, len(body))  # for held_size(data), next on this thread
+        return value
 
     def _mac(self, key: str, header: bytes, body: bytes) -> bytes:
         assert self._key is not None

@@ -466,7 +466,7 @@ class Core:
         if data is not None:
             # invariant 2: fill() keeps a load overtaken by an invalidation out of L1. The Redis
             # copy's TTL started after sent_at, so L1's, counted from sent_at, ends no later.
-            self._fill(flight, value, len(data), policy, sent_at, ttl_s)
+            self._fill(flight, value, self.codec.held_size(data), policy, sent_at, ttl_s)
         return value
 
     def _load_rest(
@@ -627,7 +627,7 @@ class Core:
             watches,
             [value],
             sent_at + min(policy.l1_ttl, ttl_s),
-            [len(data)],
+            [self.codec.held_size(data)],
             policy.fresh_until(expires),
             expires + policy.stale_ttl if policy.stale_ttl else None,
         )
@@ -723,7 +723,7 @@ class Core:
                         pttl = got[1]
                         left = pttl / 1000.0 if pttl >= 0 else float("inf") if pttl == -1 else 0.0
                         results[key] = value
-                        entries[key] = (value, sent_at + min(policy.l1_ttl, left), len(got[0]))
+                        entries[key] = (value, sent_at + min(policy.l1_ttl, left), self.codec.held_size(got[0]))
                         continue
                 elif got is True:
                     leased.append(key)
@@ -769,7 +769,7 @@ class Core:
                 if unstored:
                     yield from self._quietly(_remote.release_many(unstored, marker, self.channel, self.node_id))
                 for k, data in datas.items():
-                    entries[k] = (results[k], sent_at + min(policy.l1_ttl, ttl_s), len(data))
+                    entries[k] = (results[k], sent_at + min(policy.l1_ttl, ttl_s), self.codec.held_size(data))
         except BaseException:
             self.flights.unwatch(watches)
             if leased:
@@ -925,7 +925,7 @@ class Core:
             # or their next message (fail open cannot tell them).
             self.flights.abort_write(watches)
             return WriteResult(None, None, None)
-        sizes = [len(d) for d in datas] if datas is not None else []
+        sizes = [self.codec.held_size(d) for d in datas] if datas is not None else []
         # as in _load: counted from before the request, so never past the Redis copy
         self.flights.commit_write(watches, values, sent_at + min(self._l1_ttl(l1_ttl), ttl), sizes)
         if reply is FAILED:  # L1-only cache
