@@ -52,7 +52,8 @@ class TieredCache:
         ttl: seconds an entry lives in Redis (default 300).
         l1_ttl: at most this many seconds in L1, never longer than the Redis copy has left.
         l1_maxsize: most entries L1 holds (least recently used are evicted).
-        l1_maxbytes: most bytes of encoded values L1 holds, or None for no byte bound.
+        l1_maxbytes: most bytes of values L1 holds, counted as their serialized size before
+            compression, or None for no byte bound.
         serializer: how values become bytes; default :class:`MsgpackSerializer` (no code
             execution). :class:`PickleSerializer` requires ``signing_key``.
         signing_key: secret bytes; when set, every value is HMAC-SHA256 signed and unsigned
