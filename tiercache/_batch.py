@@ -20,7 +20,7 @@ from . import _async, _sync
 from ._cache import TieredCache, _positive
 from ._coherence import WriteResult
 from ._flow import CallWith, Flow, Policy
-from ._keys import callable_name, canonical_bytes, digest, function_prefix, scoped_key
+from ._keys import callable_name, canonical_bytes, claim_prefix, digest, function_prefix, scoped_key
 from .errors import BackendError, ConfigError
 
 __all__ = ["BatchFunction", "tiered_batch"]
@@ -184,6 +184,9 @@ def tiered_batch(
             ttl_jitter=ttl_jitter,
         )
         function_prefix(cache.namespace, name or qualname)  # validates the name
-        return BatchFunction(fn, cache, policy, f"f:{name or qualname}:")
+        batch: BatchFunction[P, T] = BatchFunction(fn, cache, policy, f"f:{name or qualname}:")
+        if name is None:
+            claim_prefix(core, qualname, fn)  # one live function per derived name
+        return batch
 
     return decorate

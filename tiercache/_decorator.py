@@ -20,7 +20,18 @@ from . import _async, _sync
 from ._cache import TieredCache, _positive
 from ._coherence import WriteResult
 from ._flow import CALL, Flow, Policy
-from ._keys import KeyMaker, KeySpace, callable_name, canonical_bytes, digest, function_prefix, scoped_key, version_key
+from ._keys import (
+    KeyMaker,
+    KeySpace,
+    callable_name,
+    canonical_bytes,
+    claim_prefix,
+    digest,
+    function_prefix,
+    scope_name,
+    scoped_key,
+    version_key,
+)
 from .errors import BackendError, ConfigError
 
 __all__ = ["AsyncTieredFunction", "TieredFunction", "tiered"]
@@ -61,8 +72,8 @@ class _Scope:
     def resolve(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str | None, list[str]]:
         tenant_fn, var = self._tenant_fn, self._tenant_var
         tenant: Any = tenant_fn(*args, **kwargs) if tenant_fn is not None else var.get() if var is not None else None
-        if isinstance(tenant, int) and not isinstance(tenant, bool):
-            tenant = str(tenant)  # as version_key names it
+        if tenant is not None and type(tenant) is not str:
+            tenant = scope_name(tenant, "tenant")  # an int id as its decimal string, as version_key names it
         names = self._static
         if self._tags_fn is not None:
             tags = self._tags_fn(*args, **kwargs)
@@ -119,6 +130,8 @@ class _Tiered:
         self._register_return_types()
         functools.update_wrapper(self, fn)
         self.cache = cache
+        if name is None:
+            claim_prefix(self._core, qualname, fn)  # one live function per derived name
 
     def key(self, *args: Any, **kwargs: Any) -> str:
         """The Redis key this call uses (in its scope: tags' and tenant's current versions,

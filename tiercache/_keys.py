@@ -12,13 +12,15 @@ import dataclasses
 import datetime as dt
 import decimal
 import enum
+import gc
 import inspect
 import math
 import re
 import struct
+import threading
 import uuid
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import xxhash
@@ -30,11 +32,13 @@ __all__ = [
     "KeyMaker",
     "KeySpace",
     "canonical_bytes",
+    "claim_prefix",
     "digest",
     "function_prefix",
     "json_key",
     "llm_key",
     "normalize_json",
+    "scope_name",
     "scoped_key",
     "version_key",
     "user_key",
@@ -61,11 +65,67 @@ def validate_namespace(namespace: str) -> str:
     return namespace
 
 
+#: Nesting deeper than this is refused with a KeyEncodingError (not a RecursionError): it
+#: also stops an argument that contains itself.
+_MAX_DEPTH = 100
+#: Only calls whose memo-safe arguments are this small in all (characters of str, bytes of
+#: bytes and int) are memoised, so a function's memos stay at a few MB whatever its callers
+#: pass: a memo holds its arguments alive.
+_MEMO_MAX_SIZE = 256
+_WHOLE = slice(None)
+
+
+class _Unencodable(Exception):
+    """Raised inside ``_encode``; each level it unwinds through adds its step (``[2]``,
+    ``['tags']``, ``.field``), so the path to the bad value is built only when encoding fails."""
+
+    def __init__(self, reason: str, *, verb: str = "cannot encode ") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.verb = verb
+        self.steps: list[str] = []
+
+    def error(self, where: str) -> KeyEncodingError:
+        return KeyEncodingError(f"{self.verb}{where}{''.join(reversed(self.steps))} {self.reason}")
+
+
+def _too_deep() -> _Unencodable:
+    return _Unencodable(
+        f"into a cache key: it is nested more than {_MAX_DEPTH} levels deep (or contains itself); "
+        "pass a flatter value, define __tiercache_key__(self) on its class, or give tiered(..., key=...)"
+    )
+
+
+def _key_error(exc: Exception, where: str) -> KeyEncodingError:
+    if isinstance(exc, _Unencodable):
+        return exc.error(where)
+    return _too_deep().error(where)  # a RecursionError: the caller's stack was already deep
+
+
+def _safe_repr(obj: Any) -> str:
+    """``repr(obj)`` for an error message, shortened; never raises (a broken ``__repr__`` must
+    not replace the error being reported)."""
+    try:
+        text = repr(obj)
+    except Exception:  # noqa: BLE001
+        return f"<{type(obj).__qualname__} object>"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _class_name(cls: type) -> bytes:
+    # type's own descriptors: a metaclass cannot make two classes claim one name.
+    return f"{_TYPE_MODULE(cls)}.{_TYPE_QUALNAME(cls)}".encode("utf-8", "surrogatepass")
+
+
+_TYPE_MODULE = type.__dict__["__module__"].__get__
+_TYPE_QUALNAME = type.__dict__["__qualname__"].__get__
+
+
 def _qualified_name(obj: Any) -> str:
     return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
 
 
-def _encode(obj: Any, out: bytearray, path: str) -> None:
+def _encode(obj: Any, out: bytearray, depth: int) -> None:
     t = type(obj)
     # Exact-type checks first: the common cases, and bool before int (bool is an int).
     if t is str:
@@ -88,98 +148,192 @@ def _encode(obj: Any, out: bytearray, path: str) -> None:
         out += b"b%d:" % len(obj)
         out += obj
     elif t is tuple or t is list:
+        if depth >= _MAX_DEPTH:
+            raise _too_deep()
         out += b"(%d:" % len(obj) if t is tuple else b"[%d:" % len(obj)
-        for i, item in enumerate(obj):
-            _encode(item, out, f"{path}[{i}]")
+        try:
+            for i, item in enumerate(obj):  # noqa: B007 - ``i`` is read by the except clause
+                _encode(item, out, depth + 1)
+        except _Unencodable as exc:
+            exc.steps.append(f"[{i}]")
+            raise
     elif t is dict:
-        _encode_mapping(obj, out, path, b"{")
+        _encode_mapping(obj.items(), out, depth, b"{")
     elif t is set or t is frozenset:
-        parts = []
-        for item in obj:
-            buf = bytearray()
-            _encode(item, buf, f"{path}{{…}}")
-            parts.append(bytes(buf))
-        parts.sort()
-        out += b"<%d:" % len(parts) if t is set else b">%d:" % len(parts)
-        for p in parts:
-            out += p
+        _encode_set(obj, out, depth, b"<" if t is set else b">")
     else:
-        _encode_other(obj, out, path)
+        _encode_other(obj, out, depth)
 
 
-def _encode_mapping(obj: Mapping[Any, Any], out: bytearray, path: str, tag: bytes) -> None:
-    items = []
-    for k, v in obj.items():
+def _encode_mapping(items: Iterable[tuple[Any, Any]], out: bytearray, depth: int, tag: bytes) -> None:
+    if depth >= _MAX_DEPTH:
+        raise _too_deep()
+    depth += 1
+    pairs = []
+    for k, v in items:
         kb = bytearray()
-        _encode(k, kb, f"{path}[{k!r}] (key)")
+        try:
+            _encode(k, kb, depth)
+        except _Unencodable as exc:
+            exc.steps.append(f"[{_safe_repr(k)}] (key)")
+            raise
         vb = bytearray()
-        _encode(v, vb, f"{path}[{k!r}]")
-        items.append((bytes(kb), bytes(vb)))
-    items.sort()
-    out += tag + b"%d:" % len(items)
-    for key_bytes, value_bytes in items:
+        try:
+            _encode(v, vb, depth)
+        except _Unencodable as exc:
+            exc.steps.append(f"[{_safe_repr(k)}]")
+            raise
+        pairs.append((bytes(kb), bytes(vb)))
+    pairs.sort()
+    out += tag + b"%d:" % len(pairs)
+    for key_bytes, value_bytes in pairs:
         out += key_bytes
         out += value_bytes
 
 
-def _tagged_name(out: bytearray, tag: bytes, obj: Any) -> None:
-    name = _qualified_name(obj).encode()
+def _encode_set(items: Iterable[Any], out: bytearray, depth: int, tag: bytes) -> None:
+    if depth >= _MAX_DEPTH:
+        raise _too_deep()
+    parts = []
+    try:
+        for item in items:
+            buf = bytearray()
+            _encode(item, buf, depth + 1)
+            parts.append(bytes(buf))
+    except _Unencodable as exc:
+        exc.steps.append("{…}")
+        raise
+    parts.sort()
+    out += tag + b"%d:" % len(parts)
+    for p in parts:
+        out += p
+
+
+def _nested(obj: Any, out: bytearray, depth: int, step: str) -> None:
+    try:
+        _encode(obj, out, depth + 1)
+    except _Unencodable as exc:
+        exc.steps.append(step)
+        raise
+
+
+def _tagged_name(out: bytearray, tag: bytes, cls: type) -> None:
+    name = _class_name(cls)
     out += tag + b"%d:" % len(name) + name
 
 
-def _encode_other(obj: Any, out: bytearray, path: str) -> None:
-    hook = getattr(type(obj), "__tiercache_key__", None)
+def _base_attr(cls: type, name: str, obj: Any) -> Any:
+    """``obj.name`` as ``cls`` defines it, whatever a subclass of ``cls`` overrides."""
+    return cls.__dict__[name].__get__(obj, cls)
+
+
+def _encode_other(obj: Any, out: bytearray, depth: int) -> None:
+    # Everything here reads values through the base class's own implementation
+    # (``dt.date.isoformat(obj)``, not ``obj.isoformat()``): a subclass must not choose its key.
+    if depth >= _MAX_DEPTH:
+        raise _too_deep()
+    t = type(obj)
+    hook = getattr(t, "__tiercache_key__", None)
     if hook is not None:
-        _tagged_name(out, b"H", type(obj))
-        _encode(hook(obj), out, f"{path}.__tiercache_key__()")
-    elif isinstance(obj, enum.Enum):
-        _tagged_name(out, b"E", type(obj))
-        _encode(obj.value, out, f"{path}.value")
-    elif isinstance(obj, dt.datetime):
-        out += b"D" + obj.isoformat().encode() + b";"
-    elif isinstance(obj, dt.date):
-        out += b"d" + obj.isoformat().encode() + b";"
-    elif isinstance(obj, dt.time):
-        out += b"t" + obj.isoformat().encode() + b";"
-    elif isinstance(obj, dt.timedelta):
-        out += b"R%d,%d,%d;" % (obj.days, obj.seconds, obj.microseconds)
-    elif isinstance(obj, decimal.Decimal):
-        out += b"M" + str(obj).encode() + b";"
-    elif isinstance(obj, uuid.UUID):
-        out += b"U" + obj.bytes
-    elif isinstance(obj, (bytearray, memoryview)):
-        data = bytes(obj)
+        _tagged_name(out, b"H", t)
+        _nested(hook(obj), out, depth, ".__tiercache_key__()")
+    elif issubclass(t, enum.Enum):
+        _tagged_name(out, b"E", t)
+        _nested(obj._value_, out, depth, ".value")
+    elif issubclass(t, dt.datetime):
+        out += b"D" + dt.datetime.isoformat(obj).encode() + b";"
+    elif issubclass(t, dt.date):
+        out += b"d" + dt.date.isoformat(obj).encode() + b";"
+    elif issubclass(t, dt.time):
+        out += b"t" + dt.time.isoformat(obj).encode() + b";"
+    elif issubclass(t, dt.timedelta):
+        days, seconds, micro = (_base_attr(dt.timedelta, a, obj) for a in ("days", "seconds", "microseconds"))
+        out += b"R%d,%d,%d;" % (days, seconds, micro)
+    elif issubclass(t, decimal.Decimal):
+        out += b"M" + decimal.Decimal.__str__(obj).encode() + b";"
+    elif issubclass(t, uuid.UUID):
+        out += b"U" + _base_attr(uuid.UUID, "int", obj).to_bytes(16, "big")
+    elif t is memoryview:
+        data = obj.tobytes()
         out += b"y%d:" % len(data) + data
-    elif isinstance(obj, type):
+    elif issubclass(t, bytearray):
+        data = bytes(bytearray.__getitem__(obj, _WHOLE))
+        out += b"y%d:" % len(data) + data
+    elif issubclass(t, type):
         _tagged_name(out, b"C", obj)
     elif dataclasses.is_dataclass(obj):
-        _tagged_name(out, b"A", type(obj))
-        fields = dataclasses.fields(obj)
-        out += b"%d:" % len(fields)
-        for f in fields:
-            _encode(f.name, out, path)
-            _encode(getattr(obj, f.name), out, f"{path}.{f.name}")
-    elif hasattr(obj, "model_dump") and hasattr(type(obj), "model_fields"):  # pydantic v2
-        _tagged_name(out, b"P", type(obj))
-        _encode(obj.model_dump(mode="python"), out, path)
-    elif isinstance(obj, (str, int, float, bytes, tuple, list, dict, frozenset, set)):
-        # A subclass of a builtin (e.g. a str subclass): the class name, then the base value.
-        _tagged_name(out, b"S", type(obj))
-        base: Any = next(b for b in (int, float, str, bytes, tuple, list, dict, frozenset, set) if isinstance(obj, b))
-        _encode(base(obj), out, path)
+        _tagged_name(out, b"A", t)
+        dc_fields = dataclasses.fields(obj)
+        out += b"%d:" % len(dc_fields)
+        for f in dc_fields:
+            _encode(f.name, out, depth)
+            _nested(getattr(obj, f.name), out, depth, f".{f.name}")
+    elif hasattr(t, "model_dump") and hasattr(t, "model_fields"):  # pydantic v2
+        # Every field by its value (model_dump() would drop Field(exclude=True) fields and
+        # apply custom serializers), and the extra fields; not private attributes. Tag "Q":
+        # before, "P" held model_dump(), so no old entry is read as a new key.
+        _tagged_name(out, b"Q", t)
+        values = object.__getattribute__(obj, "__dict__")
+        fields = {name: values[name] for name in t.model_fields if name in values}
+        extra = getattr(obj, "__pydantic_extra__", None)
+        if type(extra) is dict:
+            fields.update(extra)
+        _encode_mapping(fields.items(), out, depth, b"{")
+    elif issubclass(t, _BUILTINS):
+        # A subclass of a builtin: its class name, then its value as the builtin itself
+        # sees it (never through the subclass's __str__, __int__, __iter__, items(), ...).
+        # Tag "V": before, "S" held the value read through the subclass's overrides.
+        _tagged_name(out, b"V", t)
+        names = t.__dict__.get("_fields")  # a namedtuple's field names are part of its key
+        if type(names) is tuple:
+            _encode(names, out, depth + 1)
+        _encode_builtin_value(obj, t, out, depth)
     else:
-        raise KeyEncodingError(
-            f"cannot encode {path} (a {type(obj).__qualname__}) into a cache key: pass "
+        raise _Unencodable(
+            f"(a {t.__qualname__}) into a cache key: pass "
             "str/int/float/bool/None/bytes, tuples, lists, dicts, sets, datetimes, enums, "
             "dataclasses or pydantic models, define __tiercache_key__(self) on the class, "
             "or give tiered(..., key=...)"
         )
 
 
+_BUILTINS = (str, int, float, bytes, tuple, list, dict, frozenset, set)
+
+
+def _encode_builtin_value(obj: Any, t: type, out: bytearray, depth: int) -> None:
+    # Each call returns an exact builtin copy of the raw value (or iterates the raw storage).
+    if issubclass(t, str):
+        _encode(str.__str__(obj), out, depth)
+    elif issubclass(t, int):
+        _encode(int.__index__(obj), out, depth)
+    elif issubclass(t, float):
+        _encode(float.__float__(obj), out, depth)
+    elif issubclass(t, bytes):
+        _encode(bytes.__getitem__(obj, _WHOLE), out, depth)
+    elif issubclass(t, tuple):
+        _encode(tuple.__getitem__(obj, _WHOLE), out, depth + 1)
+    elif issubclass(t, list):
+        _encode(list.__getitem__(obj, _WHOLE), out, depth + 1)
+    elif issubclass(t, dict):
+        _encode_mapping(dict.items(obj), out, depth + 1, b"{")
+    elif issubclass(t, frozenset):
+        _encode_set(frozenset.__iter__(obj), out, depth + 1, b">")
+    else:
+        _encode_set(set.__iter__(obj), out, depth + 1, b"<")
+
+
 def canonical_bytes(value: Any, path: str = "value") -> bytes:
-    """The canonical, type-tagged encoding of ``value`` (the input of :func:`digest`)."""
+    """The canonical, type-tagged encoding of ``value`` (the input of :func:`digest`).
+
+    Raises:
+        KeyEncodingError: ``value`` holds something that cannot be encoded, is nested more
+            than 100 levels deep, or contains itself; the message names the path to it.
+    """
     out = bytearray()
-    _encode(value, out, path)
+    try:
+        _encode(value, out, 0)
+    except (_Unencodable, RecursionError) as exc:
+        raise _key_error(exc, path) from None
     return bytes(out)
 
 
@@ -190,9 +344,45 @@ def digest(data: bytes) -> str:
 
 def function_prefix(namespace: str, name: str) -> str:
     """``tc:{namespace}:v1:f:{module.qualname}:`` — the part of a function's keys before the digest."""
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"name={name!r} must be a non-empty str, e.g. name='billing.convert'")
+    name = str.__str__(name)  # an exact str: a subclass's __contains__/__format__ play no part
     if "{" in name or "}" in name:
         raise ConfigError(f"name={name!r} must not contain braces (they are Redis Cluster hash tags)")
+    if not _is_utf8(name):
+        raise ConfigError(f"name={name!r} contains a lone surrogate, which Redis cannot hold: pass valid text")
     return f"tc:{namespace}:{FORMAT_VERSION}:f:{name}:"
+
+
+def _is_utf8(text: str) -> bool:
+    """Whether ``text`` encodes to UTF-8 (no lone surrogates, e.g. from ``os.fsdecode``): redis-py
+    encodes strictly, so a key that does not would fail inside it as if Redis had failed."""
+    if text.isascii():  # O(1) in CPython: the common case costs no copy
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _key_text(value: Any, what: str) -> str:
+    """``value`` (a str) as an exact, non-empty str that Redis can hold, or KeyEncodingError
+    (the caller's error: it must never reach redis-py and count as a Redis failure)."""
+    if type(value) is not str:
+        if not isinstance(value, str):
+            raise KeyEncodingError(f"{what}={_safe_repr(value)} must be a non-empty str")
+        value = str.__str__(value)  # the raw text, not the subclass's __str__/__format__
+    text: str = value
+    if not text:
+        raise KeyEncodingError(f"{what}={text!r} must be a non-empty str")
+    if not _is_utf8(text):
+        raise KeyEncodingError(
+            f"{what}={text!r} contains a lone surrogate (os.fsdecode makes them from undecodable "
+            "bytes), which Redis cannot hold: pass valid text, e.g. "
+            "os.fsencode(name).decode('utf-8', 'backslashreplace')"
+        )
+    return text
 
 
 def user_key(namespace: str, key: str) -> str:
@@ -202,8 +392,7 @@ def user_key(namespace: str, key: str) -> str:
     needs them in one slot) stay together; a key that contains braces itself is digested, so
     the tag stays well formed.
     """
-    if not isinstance(key, str) or not key:
-        raise KeyEncodingError(f"key={key!r} must be a non-empty str")
+    key = _key_text(key, "key")
     if "{" in key or "}" in key:
         key = "#" + digest(key.encode("utf-8", "surrogatepass"))
     return f"tc:{namespace}:{FORMAT_VERSION}:k:{{{key}}}"
@@ -211,32 +400,104 @@ def user_key(namespace: str, key: str) -> str:
 
 def version_key(namespace: str, kind: str, name: str) -> str:
     """Where a tag's or tenant's version counter lives: ``tc:{ns}:tag:{name}`` (or ``tenant``)."""
-    if isinstance(name, int) and not isinstance(name, bool):
-        name = str(name)  # an integer id names the same tenant as its decimal string
-    if not isinstance(name, str) or not name:
-        raise KeyEncodingError(f"{kind} {name!r} must be a non-empty str (or an int id)")
+    name = scope_name(name, kind)
     if "{" in name or "}" in name:
         name = "#" + digest(name.encode("utf-8", "surrogatepass"))
     return f"tc:{namespace}:{kind}:{{{name}}}"
+
+
+def scope_name(name: Any, kind: str) -> str:
+    """A tag's or tenant's name as an exact str (an int id names the same tenant as its
+    decimal string), or KeyEncodingError."""
+    if type(name) is str and name and name.isascii():
+        return name
+    if isinstance(name, int) and not isinstance(name, bool):
+        return str(int.__index__(name))  # the raw number, not a subclass's __str__
+    if not isinstance(name, str) or not name:
+        raise KeyEncodingError(f"{kind} {_safe_repr(name)} must be a non-empty str (or an int id)")
+    return _key_text(name, kind)
 
 
 def scoped_key(key: str, tenant: str | None, versions: list[int]) -> str:
     """``key`` in a scope: its tenant and the versions of its tags and tenant, digested and put
     before the hash tag (so the key's lease and refresh keys stay in its slot). Bumping any
     version makes a new key: the old entries are never read again and expire by TTL."""
+    if tenant is not None and type(tenant) is not str:
+        tenant = scope_name(tenant, "tenant")  # the memo compares exact strs only
     memo_key = (tenant, *versions)
     segment = _SCOPES.get(memo_key)
     if segment is None:
         segment = "s" + xxhash.xxh3_128_hexdigest(canonical_bytes((tenant, versions), "scope")) + ":"
-        if len(_SCOPES) >= _MEMO_LIMIT:
-            _SCOPES.clear()
-        _SCOPES[memo_key] = segment
+        if tenant is None or len(tenant) <= _MEMO_MAX_SIZE:  # a memo keeps its tenant alive
+            if len(_SCOPES) >= _MEMO_LIMIT:
+                _SCOPES.clear()
+            _SCOPES[memo_key] = segment
     i = key.rindex("{")
     return key[:i] + segment + key[i:]
 
 
 # (tenant, *versions) -> the key segment of that scope: the same few scopes serve every hit.
 _SCOPES: dict[tuple[Any, ...], str] = {}
+
+
+def claim_prefix(owner: object, name: str, fn: Callable[..., Any]) -> None:
+    """Refuse a function whose derived key name (``module.qualname``, no ``name=``) is already
+    used on ``owner`` (a cache) by another live function: the two would share entries, and
+    one would answer with the other's results (closures made by one factory, callable
+    objects or partials of one class or function). A lambda is refused outright: every
+    lambda of a scope is ``<lambda>``. Only weak references are kept, so a function that was
+    garbage-collected frees its name; re-decorating the same function is fine, and so is
+    redefining a module-level function (a reloaded module, a re-run notebook cell), whose
+    new definition takes the name over.
+
+    Raises:
+        ConfigError: naming the function and saying to pass ``name=``.
+    """
+    if "<lambda>" in name:
+        raise ConfigError(
+            f"cannot derive a key name for the lambda {name!r}: every lambda of a scope has that name, so "
+            "they would share entries; pass name='...' to the decorator (a name of its own for each function)"
+        )
+    try:
+        ref: Callable[[], Any] = weakref.WeakMethod(fn) if inspect.ismethod(fn) else weakref.ref(fn)
+    except TypeError:  # not weakly referenceable: cannot tell when it dies, so not tracked
+        return
+    for attempt in range(2):
+        with _CLAIMS_LOCK:
+            claims = _CLAIMS.get(owner)
+            if claims is None:
+                claims = _CLAIMS[owner] = {}
+            old = claims.get(name)
+            holder = old() if old is not None else None
+            if holder is None or _same_callable(holder, fn) or _redefines(holder, fn, name):
+                claims[name] = ref
+                return
+            holder = None  # no strong reference while collecting
+        if attempt == 0:
+            # The other may be garbage that only a collection frees (a decorated function
+            # sits in a reference cycle), e.g. a locally defined function of a finished call.
+            gc.collect()
+    raise ConfigError(
+        f"another live function on this cache already has the key name {name!r}, so the two would share "
+        "entries (one would return the other's results); pass name='...' to the decorator, a name of its "
+        "own for each (e.g. name=f'convert.{currency}' for closures of one factory)"
+    )
+
+
+def _same_callable(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    return inspect.ismethod(a) and inspect.ismethod(b) and a.__func__ is b.__func__ and a.__self__ is b.__self__
+
+
+def _redefines(old: Any, new: Any, name: str) -> bool:
+    """A module-level function defined again (its module reloaded, a notebook cell re-run)."""
+    return inspect.isfunction(old) and inspect.isfunction(new) and "<locals>" not in name
+
+
+# cache core -> derived key name -> weak reference to the function that has it.
+_CLAIMS: weakref.WeakKeyDictionary[object, dict[str, Callable[[], Any]]] = weakref.WeakKeyDictionary()
+_CLAIMS_LOCK = threading.Lock()
 
 
 #: Request fields that do not change an LLM's answer, left out of ``llm_key``.
@@ -254,27 +515,54 @@ def callable_name(fn: Any) -> str:
 def normalize_json(value: Any, path: str = "request") -> Any:
     """A JSON-like value in canonical form, for keys: mappings as dicts of string keys (their
     canonical encoding sorts them), lists and tuples as lists, floats that are whole numbers
-    as ints (``1.0`` and ``1`` are the same JSON number), ``-0.0`` as ``0``. Raises
-    KeyEncodingError for NaN, infinities, non-string mapping keys and anything JSON cannot
-    hold, naming where it is."""
-    if value is None or isinstance(value, (bool, str)):
+    as ints (``1.0`` and ``1`` are the same JSON number), ``-0.0`` as ``0``, subclasses of
+    str/int/float as their raw values. Raises KeyEncodingError for NaN, infinities,
+    non-string mapping keys, nesting deeper than 100 levels (or a value that contains
+    itself) and anything JSON cannot hold, naming where it is."""
+    try:
+        return _normalize_json(value, 0)
+    except (_Unencodable, RecursionError) as exc:
+        raise _key_error(exc, path) from None
+
+
+def _normalize_json(value: Any, depth: int) -> Any:
+    t = type(value)
+    if value is None or t is bool or t is str:
         return value
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
+    if issubclass(t, str):
+        return str.__str__(value)
+    if issubclass(t, int):
+        return int.__index__(value)  # bool is handled above; a subclass gives its raw number
+    if issubclass(t, float):
+        value = float.__float__(value)
         if not math.isfinite(value):
-            raise KeyEncodingError(f"{path} is {value!r}: not a JSON number")
+            raise _Unencodable(f"is {value!r}: not a JSON number", verb="")
         return int(value) if value.is_integer() else value
-    if isinstance(value, Mapping):
+    if depth >= _MAX_DEPTH:
+        raise _too_deep()
+    if issubclass(t, Mapping):
         items = []
-        for k, v in value.items():
+        for k, v in dict.items(value) if issubclass(t, dict) else value.items():
             if not isinstance(k, str):
-                raise KeyEncodingError(f"{path} has a non-string key {k!r}: JSON object keys are strings")
-            items.append((k, normalize_json(v, f"{path}[{k!r}]")))
+                raise _Unencodable(f"has a non-string key {_safe_repr(k)}: JSON object keys are strings", verb="")
+            name = str.__str__(k)
+            try:
+                items.append((name, _normalize_json(v, depth + 1)))
+            except _Unencodable as exc:
+                exc.steps.append(f"[{name!r}]")
+                raise
         return dict(items)  # encoded with its keys sorted, and tagged apart from arrays
-    if isinstance(value, (list, tuple)):
-        return [normalize_json(v, f"{path}[{i}]") for i, v in enumerate(value)]
-    raise KeyEncodingError(f"{path} is a {type(value).__qualname__}: not JSON (dict, list, str, number, bool, None)")
+    if issubclass(t, (list, tuple)):
+        out = []
+        try:
+            raw = list.__getitem__(value, _WHOLE) if issubclass(t, list) else tuple.__getitem__(value, _WHOLE)
+            for i, v in enumerate(raw):  # noqa: B007 - ``i`` is read by the except clause
+                out.append(_normalize_json(v, depth + 1))
+        except _Unencodable as exc:
+            exc.steps.append(f"[{i}]")
+            raise
+        return out
+    raise _Unencodable(f"is a {t.__qualname__}: not JSON (dict, list, str, number, bool, None)", verb="")
 
 
 def json_key(value: Any) -> str:
@@ -365,14 +653,19 @@ class KeyMaker:
             return memo[lk]
         except KeyError:
             pass
-        except TypeError:  # unhashable argument: no memo, full path every time
+        except Exception:  # noqa: BLE001 - unhashable (or a broken __hash__/__eq__): no memo
             return self._derive_unbound(args, kwargs)
         key = self._derive_unbound(args, kwargs)
-        if single is not None:
+        # A memo keeps its arguments alive: only small ones enter it (see _MEMO_MAX_SIZE).
+        if single is not None and _memo_size(args) <= _MEMO_MAX_SIZE:
             if len(single) >= _MEMO_LIMIT:
                 single.clear()
             single[args[0]] = key
-        if _MEMO_SAFE.issuperset(map(type, args)) and _MEMO_SAFE.issuperset(map(type, kwargs.values())):
+        if (
+            _MEMO_SAFE.issuperset(map(type, args))
+            and _MEMO_SAFE.issuperset(map(type, kwargs.values()))
+            and _memo_size(args) + _memo_size(kwargs.values()) <= _MEMO_MAX_SIZE
+        ):
             if len(memo) >= _MEMO_LIMIT:
                 memo.clear()
             memo[lk] = key
@@ -399,19 +692,34 @@ class KeyMaker:
             raise TypeError(f"{self._qualname}() {exc}") from None
         bound.apply_defaults()
         out = bytearray()
-        for i, param in enumerate(self._params):
-            value = bound.arguments[param.name]
-            if i == 0 and self._skip_first:
-                hook = getattr(type(value), "__tiercache_key__", None)
-                if hook is None:
-                    continue
-                value = hook(value)
-            _encode(param.name, out, param.name)
-            try:
-                _encode(value, out, f"argument {param.name!r}")
-            except KeyEncodingError as exc:
-                raise KeyEncodingError(f"{self._qualname}(): {exc}") from None
+        arguments = bound.arguments
+        try:
+            for i, param in enumerate(self._params):
+                value = arguments[param.name]
+                if i == 0 and self._skip_first:
+                    hook = getattr(type(value), "__tiercache_key__", None)
+                    if hook is None:
+                        continue
+                    value = hook(value)
+                _encode(param.name, out, 0)
+                _encode(value, out, 0)
+        except (_Unencodable, RecursionError) as exc:
+            # The path is built only now, on the error (not for every argument of every call).
+            raise _key_error(exc, f"{self._qualname}(): argument {param.name!r}") from None
         return self.prefix() + "{" + digest(bytes(out)) + "}"
+
+
+def _memo_size(values: Iterable[Any]) -> int:
+    """Roughly how much memory memoising these (memo-safe) values keeps alive: characters of
+    str, bytes of bytes and int; a few for the rest."""
+    size = 0
+    for v in values:
+        t = type(v)
+        if t is str or t is bytes:
+            size += len(v)
+        elif t is int:
+            size += v.bit_length() >> 3
+    return size
 
 
 class KeySpace:

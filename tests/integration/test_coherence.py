@@ -449,7 +449,7 @@ def test_calls_racing_close_never_raise(make_cache: Callable[..., TieredCache]) 
     errors: list[BaseException] = []
     for _ in range(12):
         cache = make_cache(ttl=60)
-        f = tiered(cache)(lambda k, i: (k, i))
+        f = tiered(cache, name="pair")(lambda k, i: (k, i))
         done: list[int] = []  # calls answered
         stop = threading.Event()
 

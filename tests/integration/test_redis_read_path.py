@@ -140,7 +140,7 @@ def test_keyword_and_positional_calls_share_one_redis_entry(redis_server: Any, n
 
 def test_ttl_defaults_to_the_cache_ttl(mode: Any, make_cache: Any, raw: Any) -> None:
     cache = make_cache(ttl=42)
-    f = tiered(cache)(mode.fn(lambda x: x + 1))
+    f = tiered(cache, name="plus-one")(mode.fn(lambda x: x + 1))
     assert mode.call(f, 1) == 2
     pttl = raw.pttl(f.key(1))
     assert 40_000 < pttl <= 42_000, f"PTTL {pttl} ms does not come from TieredCache(ttl=42)"

@@ -166,7 +166,7 @@ def test_tag_and_tenant_arguments_are_validated() -> None:
         tiered(cache, tags="users")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="tenant="):
         tiered(cache, tenant="acme")  # type: ignore[arg-type]
-    f = tiered(cache, tags=lambda x: [""])(lambda x: x)
+    f = tiered(cache, name="bad-tag", tags=lambda x: [""])(lambda x: x)
     with pytest.raises(KeyEncodingError):
         f(1)
     with pytest.raises(KeyEncodingError):
