@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -97,13 +98,22 @@ class AsyncRedis:
         collecting the reads other tasks issue meanwhile, then sends them all in one pipeline
         on one connection and hands each task its reply (or its failure). Only quick reads
         (``RedisOp.coalesce``) are: no script (a NOSCRIPT reply mid-pipeline would need its
-        own retry), no blocking command (it would hold up every read behind it)."""
+        own retry), no blocking command (it would hold up every read behind it).
+
+        A read that joined a batch is sent whatever happens to its task, so a task cancelled
+        meanwhile waits until the read has landed before the cancellation reaches its flow:
+        the flow's clean-up (giving back the lease this very read may take) must run after
+        it in Redis, never before, or the lease would be left to expire (issue 9, item 8)."""
         loop = asyncio.get_running_loop()
         batch = self._batches.get(loop)
         if batch is not None:
             future: asyncio.Future[Any] = loop.create_future()
             batch.append((op, future))
-            return await future
+            try:
+                return await asyncio.shield(future)
+            except asyncio.CancelledError:
+                await _landed(future, self._landing_limit())
+                raise
         batch = self._batches[loop] = [(op, None)]
         try:
             await asyncio.sleep(0)
@@ -123,7 +133,11 @@ class AsyncRedis:
         task = loop.create_task(self._execute_batch(batch))
         _TASKS.add(task)
         task.add_done_callback(_finished)
-        return await asyncio.shield(task)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            await _landed(task, self._landing_limit())
+            raise
 
     async def _execute_batch(self, batch: list[tuple[RedisOp, asyncio.Future[Any] | None]]) -> Any:
         mine: Any = None
@@ -199,6 +213,17 @@ class AsyncRedis:
             raise failure
         return mine
 
+    def _landing_limit(self) -> float:
+        """The longest a cancelled task waits for its read to land (see ``_coalesced``): the
+        pool's socket timeout (5 s if it has none) plus ``pool_timeout``, so a hung Redis
+        cannot make a task uncancellable."""
+        timeout = None
+        try:
+            timeout = self._pool()[0].connection_kwargs.get("socket_timeout")
+        except Exception:  # noqa: BLE001, S110 - no pool to ask: the default
+            pass
+        return (float(timeout) if timeout else 5.0) + self._wait
+
     async def _acquire(self, bound: asyncio.Semaphore) -> None:
         """A slot of the pool, waiting at most ``pool_timeout`` (then PoolBusy: fail open)."""
         if bound.locked():
@@ -221,22 +246,38 @@ class AsyncRedis:
                 bound.release()
 
     async def _execute(self, pool: redis.asyncio.ConnectionPool, op: RedisOp) -> Any:
+        cancelling: Callable[[], int] | None = getattr(asyncio.current_task(), "cancelling", None)  # 3.11+
+        cancels = 0 if cancelling is None else cancelling()
         try:
             conn = await pool.get_connection()  # type: ignore[no-untyped-call]
         except Exception as exc:  # whatever the client raises, the flow fails open
             raise RemoteFailure() from exc
+        owed = 0  # replies Redis owes us for what we sent
         try:
             try:
                 if op.more:
+                    owed = 1 + len(op.more)
                     await conn.send_packed_command(conn.pack_commands([op.args, *op.more]))
-                    reply = [await conn.read_response() for _ in range(1 + len(op.more))]
+                    reply: Any = []
+                    while owed:
+                        reply.append(await conn.read_response(disconnect_on_error=False))
+                        owed -= 1
                 else:
+                    owed = 1
                     await conn.send_command(*op.args)
-                    reply = await conn.read_response()
+                    reply = await conn.read_response(disconnect_on_error=False)
+                    owed = 0
             except NoScriptError:
+                owed = 1
                 await conn.send_command(*op.fallback_args())
-                reply = await conn.read_response()
+                reply = await conn.read_response(disconnect_on_error=False)
+                owed = 0
         except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError) and owed:
+                # Cancelled with the command sent: it runs in Redis anyway, so let its reply
+                # land before the cancellation reaches the flow, whose clean-up (giving back
+                # a lease this command may take) must come after it (issue 9, item 8).
+                await _see_through(conn, owed, self._landing_limit())
             # Cancelled or failed mid-command: a reply may still arrive, so drop the socket
             # without awaiting (we may be cancelled again while awaiting).
             await _quietly(conn.disconnect(nowait=True))
@@ -245,6 +286,11 @@ class AsyncRedis:
                 raise RemoteFailure() from exc
             raise
         await pool.release(conn)
+        if cancelling is not None and cancelling() > cancels:
+            # A cancellation redis-py swallowed (its send runs in asyncio.wait_for, which on
+            # Python 3.11 loses a cancellation that races the send's end): the task would run
+            # on as if never cancelled. Deliver it now, after the reply landed.
+            raise asyncio.CancelledError()
         if op.parse is None:
             return reply
         try:
@@ -289,6 +335,35 @@ def _spawn_quietly(loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, An
     task = loop.create_task(coroutine)
     _TASKS.add(task)
     task.add_done_callback(_finished)
+
+
+async def _landed(future: asyncio.Future[Any], limit: float) -> None:
+    """Wait until ``future`` is done (a read that will land: it was sent, or is about to be,
+    on a task of its own), through any number of cancellations, for at most ``limit``
+    seconds; its outcome is not ours."""
+    deadline = time.monotonic() + limit
+    while not future.done() and (left := deadline - time.monotonic()) > 0:
+        try:
+            await asyncio.wait((future,), timeout=left)
+        except asyncio.CancelledError:
+            continue
+
+
+async def _see_through(conn: Any, owed: int, limit: float) -> None:
+    """Read the ``owed`` replies of a command whose caller was cancelled, through further
+    cancellations, for at most ``limit`` seconds; any failure ends it (the caller drops the
+    connection: the command's fate is then unknown, as with any failed read)."""
+    deadline = time.monotonic() + limit
+    while owed and (left := deadline - time.monotonic()) > 0:
+        try:
+            await asyncio.wait_for(conn.read_response(disconnect_on_error=False), left)
+        except asyncio.CancelledError:
+            continue
+        except redis.ResponseError:
+            pass
+        except Exception:  # noqa: BLE001 - the connection failed or timed out: give up
+            return
+        owed -= 1
 
 
 async def _quietly(awaitable: Awaitable[Any]) -> None:

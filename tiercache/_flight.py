@@ -18,7 +18,11 @@ from typing import Any
 from ._local import LocalCache
 from ._types import MISSING
 
-__all__ = ["Flight", "FlightTable"]
+__all__ = ["ELSEWHERE", "Flight", "FlightTable"]
+
+#: ``Flight.thread`` of a signal that another process's lease holder ends (by its fill or
+#: release), or, when its flight was detached here, a load of this process on any thread.
+ELSEWHERE = -1
 
 
 # One lock for every Flight's waiters: waiting is rare (only concurrent misses of one key),
@@ -41,6 +45,7 @@ class Flight:
         "marker",
         "served_stale",
         "stale",
+        "thread",
         "timed_out",
         "value",
     )
@@ -64,6 +69,11 @@ class Flight:
         self.served_stale = False
         #: Its callers gave up at ``hard_timeout``: a late result is stored nowhere.
         self.timed_out = False
+        #: The thread that must run for this to end: the leader's (an async leader's: its
+        #: event loop's), None while a worker thread is about to take the load over, or
+        #: ELSEWHERE for a signal another process (another lease's holder) ends. A blocking
+        #: wait on that very thread would never end (see ``_sync.wait``).
+        self.thread: int | None = None
 
     def add_waiter(self, callback: Callable[[], None]) -> bool:
         """Run ``callback`` when this ends; False (and no call) if it has ended already."""
@@ -130,6 +140,7 @@ class FlightTable:
             if flight is not None:
                 return flight, False
             flight = self._flights[key] = Flight(key)
+            flight.thread = threading.get_ident()
             return flight, True
 
     def release(self, flight: Flight) -> None:
@@ -212,6 +223,7 @@ class FlightTable:
             signal = self._fills.get(key)
             if signal is None or signal.done:
                 signal = self._fills[key] = Flight(key)
+                signal.thread = ELSEWHERE
             return signal
 
     def drop_fill(self, signal: Flight) -> None:

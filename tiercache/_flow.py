@@ -11,6 +11,7 @@ before a generator is ever made.
 
 from __future__ import annotations
 
+import contextvars
 import itertools
 import math
 import secrets
@@ -173,6 +174,12 @@ class Policy:
 
 
 _RETRY: Any = object()
+_SOLO: Any = object()  # the caller must not wait for this flight: it would wait for itself
+
+#: The keys this context is computing (the function is running for them): a call of one of
+#: them from inside its own loader (directly, from a task or thread it started in a copy of
+#: this context, or a refresh's worker) must not join or wait for that load, which waits for it.
+_LOADING: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("tiercache_loading", default=frozenset())
 
 
 Flow = Generator[Any, Any, Any]
@@ -321,6 +328,8 @@ class Core:
                     return value
                 if now < entry[4] and type(value) is not CachedError:
                     stale = value
+        if key in _LOADING.get():  # called from the loader of this very key
+            return (yield from self._solo(key, policy, load))
         started = self.clock()  # timeouts count from the call, across retries
         while True:
             flight, leader = self.flights.lead_or_join(key)
@@ -332,12 +341,27 @@ class Core:
                 # so it can stop waiting (and take the stale value) while the load goes on.
                 yield Spawn(self._lead(flight, key, policy, load), flight)
             value = yield from self._join(flight, policy, flight.stale if stale is MISSING else stale, load, started)
+            if value is _SOLO:
+                return (yield from self._solo(key, policy, load))
             if value is not _RETRY:
                 return value
+
+    def _solo(self, key: str, policy: Policy, load: bool) -> Flow:
+        """Load ``key`` for a caller that must not wait for the load in flight, because that
+        load waits for it: the caller is inside that load's function (re-entrancy), or is a
+        sync call blocking the event loop that runs it. It reads Redis (taking the lease if
+        the key is empty, never waiting for another's) and computes if it must, outside the
+        in-flight table: through a watch, so an invalidation meanwhile keeps it out of L1."""
+        watches = self.flights.watch([key])
+        try:
+            return (yield from self._lead(watches[0], key, policy, load))
+        finally:
+            self.flights.unwatch(watches)
 
     def _lead(self, flight: Flight, key: str, policy: Policy, load: bool) -> Flow:
         """The load of ``key`` for every caller waiting on ``flight``. The flight always ends
         and always leaves the table, whatever is raised (cancellation included)."""
+        flight.thread = threading.get_ident()  # (a worker's, when detached)
         try:
             value = self.local.get(key)  # filled between our L1 miss and taking the lead?
             if value is MISSING:
@@ -373,13 +397,14 @@ class Core:
         """Wait for another caller's load of the key; _RETRY when it ended without an answer."""
         soft, hard = (policy.soft_timeout, policy.hard_timeout) if load else (None, None)
         if soft is not None:
-            yield Wait(flight, max(0.0, soft - (self.clock() - started)))
+            if (yield Wait(flight, max(0.0, soft - (self.clock() - started)))) is False:
+                return _SOLO  # (a sync driver refuses a wait that would never end; see _sync.wait)
             if not flight.done and self._still_stale(flight.key, stale):
                 self._serve_stale(policy, f"the function ran past soft_timeout={soft} s")
                 return stale
         if hard is not None:
-            if not flight.done:
-                yield Wait(flight, max(0.0, hard - (self.clock() - started)))
+            if not flight.done and (yield Wait(flight, max(0.0, hard - (self.clock() - started)))) is False:
+                return _SOLO
             if not flight.done:
                 self.counters.load_timeouts += 1
                 self.flights.release(flight)  # the next call starts a new load
@@ -396,8 +421,8 @@ class Core:
                     f"{policy.name} did not return within hard_timeout={hard} s; raise hard_timeout, "
                     f"or give stale_ttl to answer with the last value instead"
                 )
-        elif not flight.done:
-            yield Wait(flight)
+        elif not flight.done and (yield Wait(flight)) is False:
+            return _SOLO
         if flight.abandoned:  # the leader was cancelled: try again, maybe as the leader
             return _RETRY
         if load and flight.value is MISSING and flight.error is None:
@@ -449,7 +474,7 @@ class Core:
             op = _remote.fetch(key, marker, self.lease_ms) if load else _remote.peek(key)
             sent_at = self.clock()
             found = self._settle(op, (yield op) if self._allow() else _SKIPPED)
-            if found is False and load:
+            if found is False and load and key not in _LOADING.get():  # (not our own lease)
                 found, sent_at = yield from self._await_other(key, marker)
             mine = found is True
             if mine:
@@ -496,11 +521,14 @@ class Core:
             return MISSING, None, 0.0, sent_at
         self.counters.loads += 1
         started = self.clock()
+        token = _LOADING.set(_LOADING.get() | {key})
         try:
             value = yield CALL
         except Exception:
             self.counters.load_errors += 1
             raise
+        finally:
+            _unset(token)
         policy.record_load_time(self.clock() - started)
         data = self._encode_or_none(key, value)
         if data is None:
@@ -575,7 +603,8 @@ class Core:
                 if self.bus is None or not self.bus.connected.is_set():
                     timeout, pause = min(timeout, pause), min(pause * 2, 0.25)
                 self.counters.lease_waits += 1
-                yield Wait(signal, timeout)
+                if (yield Wait(signal, timeout)) is False:  # refused: a sync call on an event loop
+                    return False, sent_at
         finally:
             if signal is not None:
                 self.flights.drop_fill(signal)
@@ -1014,6 +1043,13 @@ class Core:
 
 def _nothing() -> None:
     pass
+
+
+def _unset(token: contextvars.Token[frozenset[str]]) -> None:
+    try:
+        _LOADING.reset(token)
+    except ValueError:  # a flow closed (collected) in another context: nothing of ours there
+        pass
 
 
 def _ms(seconds: float) -> int:

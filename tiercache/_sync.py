@@ -8,6 +8,7 @@ decides when to try Redis again.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import os
 import selectors
@@ -24,7 +25,7 @@ from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
 from ._coherence import Bus
-from ._flight import Flight
+from ._flight import ELSEWHERE, Flight
 from ._flow import CALL, CallWith, Flow, Spawn, Wait
 from ._metrics import RateLimitedLog
 from ._remote import RedisOp, RemoteFailure, UnreadableReply, ack, read_seq
@@ -81,10 +82,33 @@ class SyncRedis:
         self.pool.disconnect()
 
 
-def wait(flight: Flight, timeout: float | None = None) -> None:
+def wait(flight: Flight, timeout: float | None = None) -> bool:
+    """Block until ``flight`` ends or ``timeout`` passed; False, at once, when blocking this
+    thread would keep it from ever ending (then the flow loads without waiting):
+
+    - its leader is this thread: an outer frame (a loader that reads its own key) or, for
+      an async leader, this thread's event loop, which a sync call made from a coroutine
+      blocks (issue 9, items 6 and 7);
+    - it waits for a lease's holder (``ELSEWHERE``) while this thread runs an event loop:
+      the holder may be a load of this very loop (its flight detached by a flush), which
+      cannot fill while the loop is blocked, and a wait of up to ``lease_ttl`` would stall
+      every task of the loop."""
+    home = flight.thread
+    if home is not None and (home == threading.get_ident() or (home == ELSEWHERE and _loop_running())):
+        return False
     done = threading.Event()
     if flight.add_waiter(done.set):
         done.wait(timeout)
+    return True
+
+
+def _loop_running() -> bool:
+    """Whether this thread is running an asyncio event loop (a sync call from a coroutine)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 _workers: ThreadPoolExecutor | None = None
@@ -103,6 +127,7 @@ def spawn(step: Spawn, remote: SyncRedis | None, call: Callable[[], Any] | None)
             if _workers is None:
                 _workers = ThreadPoolExecutor(BACKGROUND_WORKERS, thread_name_prefix="tiercache-load")
     context = contextvars.copy_context()
+    step.flight.thread = None  # a worker's, once it starts the load (not the caller's thread)
     _workers.submit(context.run, _drive_quietly, step.flow, remote, call)
 
 
@@ -137,7 +162,7 @@ def drive(flow: Flow, remote: SyncRedis | None, call: Callable[..., Any] | None)
             elif type(step) is CallWith:
                 reply = call(step.arg)  # type: ignore[misc]
             elif type(step) is Wait:
-                wait(step.flight, step.timeout)
+                reply = wait(step.flight, step.timeout)
             elif type(step) is Spawn:
                 spawn(step, remote, call)
             else:

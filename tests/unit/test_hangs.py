@@ -1,0 +1,246 @@
+"""Calls that used to wait for themselves forever (issue 9, items 6 and 7): a sync call on an
+event loop's thread that joined a load led by that very loop, and a loader that reads its own
+key (directly, from a task it awaits, or from a worker thread running a detached load).
+Every scenario runs in a thread of its own and must end within ``BOUND`` seconds, so a hang
+fails the test instead of hanging the suite."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from tests.conftest import FakeRedisCaches, Mode
+from tiercache import TieredCache, tiered
+
+BOUND = 5.0  # seconds: every scenario here takes milliseconds; a hang waits forever
+LONG_LEASE = 60.0  # a lease wait, if one happened, would outlast BOUND
+
+
+def finishes(scenario: Callable[[], Any]) -> Any:
+    """Run ``scenario`` on a daemon thread; its result, or a failure if it is still running
+    after ``BOUND`` seconds (the thread is then left blocked: it is a daemon)."""
+    outcome: list[Any] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            outcome.append(scenario())
+        except BaseException as exc:  # handed to the test
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(BOUND)
+    assert not thread.is_alive(), f"still waiting after {BOUND} s: the call waits for itself"
+    if failure:
+        raise failure[0]
+    return outcome[0]
+
+
+def call(mode: Mode, f: Callable[..., Any], *args: Any) -> Any:
+    """``f(*args)``, run on a fresh event loop of this thread in async mode."""
+    return asyncio.run(f(*args)) if mode.is_async else f(*args)
+
+
+@pytest.fixture(params=["l1-only", "fakeredis"])
+def cache(request: pytest.FixtureRequest, namespace: str) -> Iterator[TieredCache]:
+    """A cache without Redis, or on fakeredis with a lease that would outlast BOUND."""
+    if request.param == "l1-only":
+        c = TieredCache(namespace=namespace)
+        yield c
+        c.close()
+        return
+    mode = Mode("sync")
+    fake = FakeRedisCaches(mode, namespace, lease_ttl=LONG_LEASE)
+    yield fake.cache()
+    fake.close()
+
+
+# -- item 6: a sync call on the loop's thread never joins a load that loop leads --------------
+
+
+def _while_async_loads(cache: TieredCache, then: Callable[[], Any], **options: Any) -> tuple[Any, Any]:
+    """Run, on a fresh event loop (in this thread), an async load of user key "k" held until
+    ``then()`` (a sync call made from a coroutine of that loop) has returned; returns what
+    ``then()`` and the async load returned."""
+    started = asyncio.Event()
+    release = asyncio.Event()
+
+    @tiered(cache, name="shared", key=lambda x: f"k{x}", **options)
+    async def load(x: int) -> str:
+        started.set()
+        await release.wait()
+        return "async"
+
+    async def main() -> tuple[Any, Any]:
+        task = asyncio.create_task(load(1))
+        await started.wait()
+        got = then()  # blocks the loop: the async load cannot go on meanwhile
+        release.set()
+        return got, await task
+
+    return asyncio.run(main())
+
+
+def test_sync_get_on_the_loop_thread_does_not_join_that_loops_load(cache: TieredCache) -> None:
+    got, loaded = finishes(lambda: _while_async_loads(cache, lambda: cache.get("k1", "absent")))
+    assert (got, loaded) == ("absent", "async")  # not there yet: no wait for it
+    assert cache.get("k1") == "async"
+
+
+@pytest.mark.parametrize("options", [{}, {"soft_timeout": 30.0}, {"hard_timeout": 30.0}])
+def test_sync_function_on_the_loop_thread_computes_instead_of_joining(
+    cache: TieredCache, options: dict[str, Any]
+) -> None:
+    """A sync decorated function of the same key (name= and key= alike) called from a
+    coroutine while the async one loads it, inline or detached (timeouts): it computes."""
+    calls: list[int] = []
+
+    @tiered(cache, name="shared", key=lambda x: f"k{x}", **options)
+    def compute(x: int) -> str:
+        calls.append(x)
+        return "sync"
+
+    got, loaded = finishes(lambda: _while_async_loads(cache, lambda: compute(1), **options))
+    assert (got, loaded, calls) == ("sync", "async", [1])
+
+
+def test_sync_call_on_a_loop_thread_does_not_wait_for_a_lease(namespace: str) -> None:
+    """Neighbour: the key's lease is held (by another process, or by a load of this loop whose
+    flight a flush detached): a sync call from a coroutine does not block its loop for the
+    lease's TTL; it computes (and stores nothing: the lease is not its own)."""
+    fake = FakeRedisCaches(Mode("sync"), namespace, lease_ttl=LONG_LEASE)
+    try:
+        cache = fake.cache()
+        calls: list[int] = []
+
+        @tiered(cache, name="leased", key=lambda x: f"k{x}")
+        def compute(x: int) -> str:
+            calls.append(x)
+            return "computed"
+
+        redis_key = compute.key(1)
+        fake.raw.set(redis_key, b"\xc7\x00someone-else:1", px=int(LONG_LEASE * 1000))
+
+        async def main() -> str:
+            return compute(1)
+
+        assert finishes(lambda: asyncio.run(main())) == "computed"
+        assert calls == [1]
+        assert fake.raw.get(redis_key) == b"\xc7\x00someone-else:1"  # not stored over its lease
+        # Outside an event loop, a sync caller still waits for the lease (here: until its holder
+        # gives it back), as before.
+        threading.Timer(0.05, fake.raw.delete, (redis_key,)).start()
+        assert compute(2) == "computed"
+    finally:
+        fake.close()
+
+
+# -- item 7: a loader that reads its own key ----------------------------------------------
+
+
+def test_a_loader_reading_its_own_key_is_told_it_is_missing(mode: Mode, cache: TieredCache) -> None:
+    seen: list[Any] = []
+
+    if mode.is_async:
+
+        @tiered(cache, key=lambda x: f"k{x}")
+        async def load(x: int) -> str:
+            seen.append(await cache.aio.get(f"k{x}", "absent"))
+            seen.append(cache.get(f"k{x}", "absent"))  # a sync read from the loop, too
+            return "v"
+
+    else:
+
+        @tiered(cache, key=lambda x: f"k{x}")
+        def load(x: int) -> str:
+            seen.append(cache.get(f"k{x}", "absent"))
+            return "v"
+
+    assert finishes(lambda: call(mode, load, 1)) == "v"
+    assert seen == ["absent"] * len(seen) and seen
+    assert cache.get("k1") == "v"
+
+
+def test_a_loader_calling_itself_with_its_key_computes(mode: Mode, cache: TieredCache) -> None:
+    """Recursion into the key being computed is what the function does without the cache: here
+    ``key=`` maps every depth to one key and the recursion ends at depth 0."""
+    if mode.is_async:
+
+        @tiered(cache, key=lambda x, depth: f"k{x}")
+        async def count(x: int, depth: int) -> int:
+            return 0 if depth == 0 else 1 + await count(x, depth - 1)
+
+    else:
+
+        @tiered(cache, key=lambda x, depth: f"k{x}")
+        def count(x: int, depth: int) -> int:
+            return 0 if depth == 0 else 1 + count(x, depth - 1)
+
+    assert finishes(lambda: call(mode, count, 1, 3)) == 3
+    assert cache.get("k1") == 3  # the outermost call's result is the one stored
+
+
+def test_a_loader_awaiting_a_task_that_reads_its_key(cache: TieredCache) -> None:
+    """Through a task the loader starts (it runs in a copy of the loader's context)."""
+
+    calls = 0
+
+    @tiered(cache, key=lambda x: f"j{x}")
+    async def once(x: int) -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return f"outer({await asyncio.create_task(once(x))})"
+        return "inner"
+
+    assert finishes(lambda: asyncio.run(once(1))) == "outer(inner)"
+
+
+@pytest.mark.parametrize("options", [{"soft_timeout": 30.0}, {"hard_timeout": 30.0}])
+def test_a_detached_loader_reading_its_own_key(mode: Mode, cache: TieredCache, options: dict[str, Any]) -> None:
+    """Through a detached load (a worker thread in sync code, a task in async code)."""
+    seen: list[Any] = []
+
+    if mode.is_async:
+
+        @tiered(cache, key=lambda x: f"k{x}", **options)
+        async def load(x: int) -> str:
+            seen.append(await cache.aio.get(f"k{x}", "absent"))
+            return "v"
+
+    else:
+
+        @tiered(cache, key=lambda x: f"k{x}", **options)
+        def load(x: int) -> str:
+            seen.append(cache.get(f"k{x}", "absent"))
+            return "v"
+
+    assert finishes(lambda: call(mode, load, 1)) == "v"
+    assert seen == ["absent"]
+
+
+def test_loads_of_other_keys_from_a_loader_still_single_flight(mode: Mode, cache: TieredCache) -> None:
+    """Only the key being computed is exempt: a loader reading another key caches it."""
+    calls: list[int] = []
+
+    if mode.is_async:
+
+        @tiered(cache, key=lambda x: f"k{x}")
+        async def load(x: int) -> int:
+            calls.append(x)
+            return 0 if x == 0 else 1 + await load(x - 1)
+
+    else:
+
+        @tiered(cache, key=lambda x: f"k{x}")
+        def load(x: int) -> int:
+            calls.append(x)
+            return 0 if x == 0 else 1 + load(x - 1)
+
+    assert finishes(lambda: (call(mode, load, 2), call(mode, load, 2))) == (2, 2)
+    assert calls == [2, 1, 0]
