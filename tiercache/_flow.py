@@ -693,9 +693,14 @@ class Core:
                 pending = [i for i in pending if keys[i] not in results]
             led: list[tuple[int, Flight]] = []
             joined: list[tuple[int, Flight]] = []
+            # Items this context is computing (the batch function called itself with them), or
+            # whose load only this thread could finish: loaded here, joining nothing.
+            loading = _LOADING.get()
+            alone = [i for i in pending if keys[i] in loading]
             for i in pending:
-                flight, leader = self.flights.lead_or_join(keys[i])
-                (led if leader else joined).append((i, flight))
+                if keys[i] not in loading:
+                    flight, leader = self.flights.lead_or_join(keys[i])
+                    (led if leader else joined).append((i, flight))
             if led:
                 try:
                     got = yield from self._read_batch(
@@ -715,11 +720,16 @@ class Core:
                     flight.finish(got[keys[i]])
             pending = []
             for i, flight in joined:
-                yield Wait(flight)
-                if flight.error is None and not flight.abandoned and flight.value is not MISSING:
+                if not flight.done and (yield Wait(flight)) is False:  # see _sync.wait
+                    alone.append(i)
+                elif flight.error is None and not flight.abandoned and flight.value is not MISSING:
                     results[keys[i]] = flight.value
                 else:
                     pending.append(i)
+            if alone:
+                results.update(
+                    (yield from self._read_batch([keys[i] for i in alone], [items[i] for i in alone], policy, name))
+                )
         return results
 
     def _read_batch(self, want: Sequence[str], items: Sequence[Any], policy: Policy, name: str) -> Flow:
@@ -762,11 +772,14 @@ class Core:
             if load:
                 self.counters.loads += 1
                 started = self.clock()
+                token = _LOADING.set(_LOADING.get().union(keys[i] for i in load))
                 try:
                     values = yield CallWith([items[i] for i in load])
                 except Exception:
                     self.counters.load_errors += 1
                     raise
+                finally:
+                    _unset(token)
                 policy.record_load_time(self.clock() - started)
                 if not isinstance(values, (list, tuple)) or len(values) != len(load):
                     got_len = len(values) if isinstance(values, (list, tuple)) else type(values).__name__

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import FakeRedisCaches, Mode
-from tiercache import TieredCache, tiered
+from tiercache import TieredCache, tiered, tiered_batch
 
 BOUND = 5.0  # seconds: every scenario here takes milliseconds; a hang waits forever
 LONG_LEASE = 60.0  # a lease wait, if one happened, would outlast BOUND
@@ -244,3 +244,56 @@ def test_loads_of_other_keys_from_a_loader_still_single_flight(mode: Mode, cache
 
     assert finishes(lambda: (call(mode, load, 2), call(mode, load, 2))) == (2, 2)
     assert calls == [2, 1, 0]
+
+
+# -- the same for batch functions (items single-flight like keys) ---------------------------
+
+
+def test_sync_batch_on_the_loop_thread_computes_instead_of_joining(cache: TieredCache) -> None:
+    started = asyncio.Event()
+    release = asyncio.Event()
+
+    @tiered_batch(cache, name="batch")
+    async def aload(items: list[int]) -> list[str]:
+        started.set()
+        await release.wait()
+        return [f"async{i}" for i in items]
+
+    @tiered_batch(cache, name="batch")
+    def sload(items: list[int]) -> list[str]:
+        return [f"sync{i}" for i in items]
+
+    async def main() -> tuple[Any, Any]:
+        task = asyncio.create_task(aload([1, 2]))
+        await started.wait()
+        got = sload([1, 2, 3])  # blocks the loop that loads items 1 and 2
+        release.set()
+        return got, await task
+
+    got, loaded = finishes(lambda: asyncio.run(main()))
+    assert got == ["sync1", "sync2", "sync3"]
+    assert loaded == ["async1", "async2"]
+
+
+def test_a_batch_function_calling_itself_with_its_items_computes(mode: Mode, cache: TieredCache) -> None:
+    depth = [0]
+
+    if mode.is_async:
+
+        @tiered_batch(cache, name="self-batch")
+        async def load(items: list[int]) -> list[int]:
+            depth[0] += 1
+            if depth[0] == 1:
+                return [10 * v for v in await load(items)]
+            return list(items)
+
+    else:
+
+        @tiered_batch(cache, name="self-batch")
+        def load(items: list[int]) -> list[int]:
+            depth[0] += 1
+            if depth[0] == 1:
+                return [10 * v for v in load(items)]
+            return list(items)
+
+    assert finishes(lambda: call(mode, load, [1, 2])) == [10, 20]
