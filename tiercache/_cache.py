@@ -67,7 +67,15 @@ class TieredCache:
             write reaches this process's L1 only when the entry's ``l1_ttl`` ends.
         staleness_bound: seconds. The subscriber pings when idle for half of this and gives
             up on a connection that stays silent for the other half, so after a message is
-            lost to a dead or half-open connection, L1 is flushed and off within this bound.
+            lost to a dead or half-open connection, L1 is flushed within this bound.
+        outage_l1_ttl: seconds an L1 entry filled during a Redis outage (the bus is down and
+            Redis commands fail) is served, at most; default ``staleness_bound``. No other
+            process can publish an invalidation while Redis is down, so this keeps the
+            documented bound while the function runs about once per key per this many
+            seconds per process, instead of on every call. L1 is flushed again when the bus
+            is back. ``0``: L1 is off until the bus is back (every call during an outage runs
+            the function). While the subscriber reconnects to a Redis that answers, L1 takes
+            no entries whatever this says.
         ack_timeout: default seconds a ``wait=True`` write waits for acknowledgements.
         socket_timeout: seconds a Redis command may take before the call fails open.
         connect_timeout: seconds to connect to Redis.
@@ -120,6 +128,7 @@ class TieredCache:
         strict: bool = False,
         coherent: bool = True,
         staleness_bound: float = 1.0,
+        outage_l1_ttl: float | None = None,
         ack_timeout: float = 2.0,
         socket_timeout: float = 0.5,
         connect_timeout: float = 0.5,
@@ -136,6 +145,7 @@ class TieredCache:
         _positive("ttl", ttl)
         _positive("l1_ttl", l1_ttl, allow_zero=True)
         _positive("staleness_bound", staleness_bound)
+        _positive("outage_l1_ttl", outage_l1_ttl, allow_zero=True, optional=True)
         _positive("ack_timeout", ack_timeout, allow_zero=True)
         _positive("socket_timeout", socket_timeout)
         _positive("connect_timeout", connect_timeout)
@@ -193,6 +203,7 @@ class TieredCache:
             breaker_cooldown=breaker_cooldown,
         )
         self._staleness_bound = staleness_bound
+        self._core.local.outage_ttl = staleness_bound if outage_l1_ttl is None else outage_l1_ttl
         self._closed = False
         self._subscriber: _sync.Subscriber | None = None
         self._start_subscriber()
@@ -213,10 +224,23 @@ class TieredCache:
         """Wait until L1 may be served: the invalidation subscriber is subscribed.
 
         True at once for an L1-only or ``coherent=False`` cache. Until this is true, calls
-        are still answered (from Redis or the function), just without L1 hits.
+        are still answered (from Redis or the function; if Redis is down, L1 keeps their
+        results for at most ``outage_l1_ttl``).
+
+        Raises:
+            ConfigError: the Redis user may not PUBLISH on the invalidation channel (its writes
+                would reach Redis but no other process); the message says what to grant.
         """
         bus = self._core.bus
-        return True if bus is None else bus.connected.wait(timeout)
+        if bus is None:
+            return True
+        deadline = time.monotonic() + timeout
+        while True:
+            ready = bus.connected.wait(min(0.05, max(0.0, deadline - time.monotonic())))
+            if bus.denied is not None:
+                raise ConfigError(bus.denied)
+            if ready or time.monotonic() >= deadline:
+                return ready
 
     def get(self, key: str, default: Any = None) -> Any:
         """The value stored under ``key`` (from L1, else Redis), or ``default``."""
@@ -473,9 +497,9 @@ class AsyncCacheView:
     async def ready(self, timeout: float = 5.0) -> bool:
         """``cache.ready()`` without blocking the event loop."""
         bus = self._cache._core.bus
-        if bus is None or bus.connected.is_set():
+        if bus is None or (bus.connected.is_set() and bus.denied is None):
             return True
-        return await asyncio.to_thread(bus.connected.wait, timeout)
+        return await asyncio.to_thread(self._cache.ready, timeout)
 
     async def aclose(self) -> None:
         """Same as ``await cache.aclose()``."""

@@ -64,8 +64,17 @@ class Bus:
         flights: FlightTable,
         log: RateLimitedLog,
         on_generation: Callable[[str, bool], None] = lambda generation, forward_only: None,
+        generation: Callable[[], str] = lambda: "",
     ) -> None:
         self._on_generation = on_generation
+        #: This process's generation of the namespace ("" before any clear).
+        self.generation = generation
+        #: Set when the sequence broke: the subscriber thread then checks that Redis's
+        #: generation did not go backwards (``_remote.sync_generation``) before going on.
+        self.resync = False
+        #: Why this process's writes cannot reach the others (the ACL user may not PUBLISH
+        #: on the channel), found when subscribing; ``cache.ready()`` raises it.
+        self.denied: str | None = None
         self.node_id = node_id
         self.channel = channel
         self._flights = flights
@@ -85,16 +94,21 @@ class Bus:
     # -- subscriber events ------------------------------------------------------------------
 
     def subscribed(self, base_seq: int, generation: str = "") -> None:
-        """The subscription is confirmed and ``base_seq`` (and the namespace's ``generation``)
-        read after it: trust L1 again, starting empty (messages may have been lost while we
-        were not subscribed)."""
-        self._on_generation(generation, False)  # what Redis holds now is the truth
+        """The subscription is confirmed and ``base_seq`` (and the namespace's ``generation``,
+        never behind ours: see ``_remote.sync_generation``) read after it: trust L1 again,
+        starting empty (messages may have been lost while we were not subscribed)."""
+        self._on_generation(generation, True)
+        self.resync = False
         self.last_seq = base_seq
         self._base = base_seq
         self._past_base = False
         self.flushes += 1
         self._flights.flush(accepting=True)
         self.connected.set()
+
+    def apply_generation(self, generation: str) -> None:
+        """Adopt ``generation`` if it is later than ours (never go back)."""
+        self._on_generation(generation, True)
 
     def lost(self) -> None:
         """The subscription is gone or in doubt: stop trusting L1 until resubscribed."""
@@ -133,6 +147,7 @@ class Bus:
                         "gap", "tiercache: invalidation sequence broke (%s after %s): flushing L1", seq, self.last_seq
                     )
                     self._flights.flush(accepting=True)
+                    self.resync = True  # e.g. a FLUSHALL: the generation may have gone too
                 self.last_seq = seq
                 self._past_base = True
             if origin != self.node_id:  # our own writes updated our L1 already

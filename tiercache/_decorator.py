@@ -140,7 +140,13 @@ class _Tiered:
             return self._keyfn(args, kwargs)
         key: str | None = _sync.drive(self._scoped(args, kwargs), self._cache._sync, None)
         if key is None:
-            raise BackendError("the tag or tenant versions of this call cannot be read from Redis")
+            # Redis cannot say (down, breaker open): in strict mode that is an error; else the
+            # key at the last versions this process knew, so ``cache.invalidate(f.key(...))``
+            # still drops this process's copy and reports, rather than raises, that Redis failed.
+            if self._core.strict:
+                raise BackendError("the tag or tenant versions of this call cannot be read from Redis")
+            tenant, names = self._scope.resolve(args, kwargs)
+            key = scoped_key(self._keyfn(args, kwargs), tenant, self._core.known_versions(names))
         return key
 
     def _scoped(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Flow:

@@ -166,7 +166,8 @@ class FlightTable:
         stale_until: float | None = None,
     ) -> None:
         """Put a load's result into L1 (until ``expires_at``) unless an invalidation overtook it."""
-        if not self._local.accepting or self._local.maxsize <= 0:
+        local = self._local
+        if local.maxsize <= 0 or not (local.accepting or (local.outage and local.outage_ttl > 0)):
             return
         with self._lock:
             if not flight.dirty:

@@ -241,6 +241,9 @@ class Core:
         self._refreshing_lock = threading.Lock()
         #: Tag and tenant versions of an L1-only cache (no Redis to keep them in).
         self._local_versions: dict[str, int] = {}
+        #: The last versions read from Redis, kept through L1 flushes: a scope's best guess
+        #: while Redis cannot be read (``known_versions``).
+        self._known_versions: dict[str, int] = {}
         self.breaker = Breaker(threshold=breaker_threshold, cooldown=breaker_cooldown, clock=clock)
         self._last_failure: BaseException | None = None  # the cause of "breaker open" errors
         #: Applies invalidations that have arrived, from a caller's thread (set by the cache
@@ -250,7 +253,7 @@ class Core:
         #: The invalidation bus, when other processes can share this namespace. Until its
         #: subscriber confirms a subscription, L1 takes no entries (invariant 4).
         self.bus = (
-            Bus(self.channel, self.node_id, self.flights, self.log, self.apply_generation)
+            Bus(self.channel, self.node_id, self.flights, self.log, self.apply_generation, self._generation)
             if has_remote and coherent
             else None
         )
@@ -838,6 +841,12 @@ class Core:
             out.append(entry[0])
         return out
 
+    def known_versions(self, names: Sequence[str]) -> list[int]:
+        """The last versions of ``names`` this process saw, expired or not (0 when never seen):
+        the best guess at a scope while Redis cannot be read."""
+        known = self._known_versions
+        return [known.get(name, 0) for name in names]
+
     def versions(self, names: Sequence[str]) -> Flow:
         """The versions of ``names``: from L1, else one MGET (cached in L1 for ``l1_ttl``, unless
         an invalidation of a counter overtook the read). None when Redis cannot say: the call
@@ -858,11 +867,20 @@ class Core:
             return None
         expires = sent_at + self.l1_ttl
         self.flights.fill_each(watches, {n: (v, expires, 8) for n, v in zip(names, got, strict=True)})
+        if len(self._known_versions) >= 4096:
+            self._known_versions.clear()
+        self._known_versions.update(zip(names, got, strict=True))
         return got
 
     def scoped_read(self, base: str, tenant: str | None, names: Sequence[str], policy: Policy) -> Flow:
         """``read_through`` of ``base`` in its scope (tenant, tag versions), loading them first."""
         versions = yield from self.versions(names)
+        local = self.local
+        if versions is None and self.bus is not None and not local.accepting and local.outage and local.outage_ttl:
+            # An outage (the bus is down too): the last versions we knew make a key good for
+            # this process's L1 alone, where it lives at most outage_ttl (see LocalCache), so
+            # tagged and tenant calls protect the backend like the others.
+            versions = self.known_versions(names)
         if versions is None:  # no versions, no key: answer from the function, cache nothing
             self.counters.misses += 1
             self.counters.loads += 1
@@ -889,6 +907,9 @@ class Core:
         if key is None:
             return otherwise
         return (yield from then(key))
+
+    def _generation(self) -> str:
+        return self.keyspace.generation
 
     def apply_generation(self, generation: str, forward_only: bool = True) -> None:
         """Adopt the namespace's generation (from the bus, our own ``clear``, or read when
@@ -1022,10 +1043,12 @@ class Core:
         """The reply of ``op``, or FAILED with fail-open (strict: BackendError, unless ``quiet``:
         clean-up steps never replace the error being raised)."""
         if reply is _SKIPPED:
+            self.local.outage = self.has_remote  # the breaker is open
             return FAILED
         if isinstance(reply, RemoteFailure):
             if type(reply) is not PoolBusy and type(reply) is not UnreadableReply:
                 self.breaker.failure()
+                self.local.outage = True
             self.counters.backend_errors += 1
             cause = reply.__cause__
             self._last_failure = cause
@@ -1035,6 +1058,7 @@ class Core:
                 raise BackendError(f"Redis {op.args[0]} failed: {what}") from cause
             return FAILED
         self.breaker.success()
+        self.local.outage = False
         return reply
 
     def _quietly(self, op: RedisOp) -> Flow:

@@ -23,17 +23,24 @@ Entry = tuple[Any, float, int, float, float]
 
 
 class LocalCache:
-    """An LRU bounded by entries and, optionally, by the bytes of the values' encodings."""
+    """An LRU bounded by entries and, optionally, by bytes (each value's serialized size
+    before compression: what the process holds, see ``Codec.held_size``)."""
 
-    __slots__ = ("_clock", "_data", "_lock", "accepting", "bytes", "maxbytes", "maxsize")
+    __slots__ = ("_clock", "_data", "_lock", "accepting", "bytes", "maxbytes", "maxsize", "outage", "outage_ttl")
 
     def __init__(self, maxsize: int, maxbytes: int | None, clock: Callable[[], float]) -> None:
         self.maxsize = maxsize
         self.maxbytes = maxbytes
         self.bytes = 0
-        # False while L1 must not be trusted (the invalidation bus is not known to be healthy):
-        # puts are dropped, so with the cache emptied at the same time nothing is served.
+        # False while the invalidation bus is not known to be healthy (L1 is emptied at the
+        # same moment): puts are dropped, so nothing is served. Except during an outage (the
+        # last Redis command failed, so no other process can publish an invalidation either):
+        # puts are then kept for at most ``outage_ttl`` seconds (the staleness bound a
+        # half-open link already has), so the outage does not send every call to the
+        # function; ``outage_ttl`` 0 drops them too.
         self.accepting = True
+        self.outage = False
+        self.outage_ttl = 0.0
         self._clock = clock
         # key -> (value, fresh_until, size, valid_until, stale_until). The hit path reads only
         # the first two: a hit is an entry before ``fresh_until``. Past it, the slow path
@@ -87,10 +94,13 @@ class LocalCache:
 
         ``fresh_until`` (earlier): from then on a call refreshes it ahead of expiry;
         ``stale_until`` (later): kept that long to be served if the function fails."""
+        if not self.accepting:
+            # Redis is down, and the bus with it: live at most outage_ttl.
+            expires_at = min(expires_at, self._clock() + self.outage_ttl)
         fresh = expires_at if fresh_until is None else min(fresh_until, expires_at)
         stale = expires_at if stale_until is None else max(stale_until, expires_at)
         if (
-            not self.accepting
+            (not self.accepting and (not self.outage or self.outage_ttl <= 0))
             or self.maxsize <= 0
             or (self.maxbytes is not None and size > self.maxbytes)
             or stale <= self._clock()

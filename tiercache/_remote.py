@@ -9,6 +9,7 @@ namespace's sequence number and publishes the invalidation in one atomic step.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,7 +32,8 @@ __all__ = [
     "fill_many",
     "finish_refresh",
     "peek",
-    "read_seq",
+    "sync_generation",
+    "probe_publish",
     "refresh_key",
     "release",
     "release_many",
@@ -398,10 +400,40 @@ def versions(keys: Sequence[str]) -> RedisOp:
     return RedisOp(("MGET", *keys), lambda reply: [int(v) if v else 0 for v in reply], coalesce=True)
 
 
-def read_seq(seq_key: str, gen_key: str) -> RedisOp:
-    """The namespace's current sequence number (0 when no write happened yet) and generation
-    ("" when it was never cleared)."""
-    return RedisOp(("MGET", seq_key, gen_key), lambda r: (int(r[0]) if r[0] else 0, r[1].decode() if r[1] else ""))
+# KEYS[1] the sequence counter, KEYS[2] the generation. ARGV[1] the caller's generation,
+# ARGV[2] channel, ARGV[3] node id. Generations never go backwards: a counter that did (a
+# FLUSHALL, an eviction) while this process kept a later one would split the processes into
+# two sets of keys, each deaf to the other's invalidations. So a caller ahead of Redis starts
+# a generation above its own (no process has entries under it: everyone's copies are dropped,
+# as a clear() would) and announces it; everyone adopts it.
+_SYNC_GENERATION = Script("""
+local cur = tonumber(redis.call('GET', KEYS[2])) or 0
+local mine = tonumber(ARGV[1]) or 0
+if mine > cur then
+  local gen = tostring(mine + 1)
+  redis.call('SET', KEYS[2], gen)
+  local seq = redis.call('INCR', KEYS[1])
+  redis.call('PUBLISH', ARGV[2], cjson.encode({n = ARGV[3], s = seq, k = {}, g = gen, a = ''}))
+  return {seq, gen}
+end
+return {tonumber(redis.call('GET', KEYS[1])) or 0, redis.call('GET', KEYS[2]) or ''}
+""")
+
+
+def probe_publish(channel: str, node_id: str) -> RedisOp:
+    """PUBLISH an empty fill announcement (a no-op for every receiver): fails with NOPERM when
+    the ACL user may not publish on the invalidation channel."""
+    return RedisOp(("PUBLISH", channel, json.dumps({"n": node_id, "f": []})))
+
+
+def sync_generation(seq_key: str, gen_key: str, generation: int, channel: str, node_id: str) -> RedisOp:
+    """The namespace's sequence number (0 when no write happened yet) and generation ("" when it
+    was never cleared), read after the caller's ``generation`` is made the floor (see above)."""
+    return RedisOp(
+        ("EVALSHA", _SYNC_GENERATION.sha, 2, seq_key, gen_key, generation, channel, node_id),
+        lambda r: (int(r[0]), r[1].decode() if isinstance(r[1], bytes) else str(r[1])),
+        _SYNC_GENERATION,
+    )
 
 
 # KEYS[1] the sequence counter, KEYS[2] the generation. ARGV[1] node id, ARGV[2] channel,

@@ -27,8 +27,9 @@ from redis.retry import Retry
 from ._coherence import Bus
 from ._flight import ELSEWHERE, Flight
 from ._flow import CALL, CallWith, Flow, Spawn, Wait
+from ._keys import _generation_number
 from ._metrics import RateLimitedLog
-from ._remote import RedisOp, RemoteFailure, UnreadableReply, ack, read_seq
+from ._remote import RedisOp, RemoteFailure, UnreadableReply, ack, probe_publish, sync_generation
 from ._types import RNG
 
 __all__ = ["Subscriber", "SyncRedis", "drive"]
@@ -200,6 +201,11 @@ class Subscriber:
     MAX_BACKOFF = 2.0
     MAX_BATCH = 1024
     STABLE_AFTER = 5.0  # seconds a connection must last before the reconnect backoff starts over
+    #: Callers poll at most this often (seconds). Each poll releases and retakes the GIL (its
+    #: non-blocking recv), and polls back to back defeat Python's forced switch interval: the
+    #: subscriber thread then starved (a PING from another thread took a median 358 ms, not
+    #: 11 ms). Spaced, the thread runs, and a busy process still applies invalidations itself.
+    POLL_SPACING = 0.01
 
     def __init__(
         self, remote: SyncRedis, bus: Bus, seq_key: str, interval: float, deadline: float, log: RateLimitedLog
@@ -217,12 +223,14 @@ class Subscriber:
         self._drain_lock = threading.Lock()
         self._heard = 0.0
         self._polled_at = 0.0
+        self._next_poll = 0.0
         self._ping_sent: float | None = None
         self._dead = False  # set by a caller's poll that found the connection broken
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._pending_acks: list[str] = []
+        self._probed = False
         self._thread = threading.Thread(target=self._run, name=f"tiercache-bus-{bus.channel}", daemon=True)
 
     def start(self) -> None:
@@ -263,7 +271,9 @@ class Subscriber:
                     reply = conn.read_response(push_request=True)
                     if not (isinstance(reply, list) and reply and reply[0] == b"subscribe"):
                         raise redis.ResponseError(f"unexpected reply to SUBSCRIBE: {reply!r}")
-                base, generation = self._remote.execute(read_seq(self._seq_key, self._gen_key))
+                if not self._probed:  # once: each probe reaches every subscriber
+                    self._probe_publish()
+                base, generation = self._remote.execute(self._sync_generation())
                 if self._stopping.is_set():
                     break
                 self._bus.subscribed(base, generation)
@@ -272,9 +282,12 @@ class Subscriber:
             except Exception as exc:  # noqa: BLE001 - this thread must outlive anything a socket does
                 if not self._stopping.is_set():
                     cause = exc.__cause__ if isinstance(exc, RemoteFailure) else exc
+                    if isinstance(cause, redis.exceptions.NoPermissionError):
+                        self._bus.denied = self._denied("SUBSCRIBE", cause)
                     self._log.emit(
                         "bus",
-                        "tiercache: invalidation subscriber lost (%s: %s); L1 off until resubscribed",
+                        "tiercache: invalidation subscriber lost (%s: %s); L1 flushed, and its entries live at most "
+                        "outage_l1_ttl until resubscribed",
                         type(cause).__name__,
                         cause,
                     )
@@ -327,6 +340,8 @@ class Subscriber:
         try:
             while not self._stopping.is_set():
                 self._send_acks()
+                if self._bus.resync:
+                    self._resync()
                 if self._dead:
                     raise redis.ConnectionError("the subscriber connection failed (seen by a caller)")
                 due = self._next_due()
@@ -384,7 +399,11 @@ class Subscriber:
         L1 off at once and leaves the reconnecting to the subscriber's own thread."""
         if self._raw is None:
             return
-        self._polled_at = time.monotonic()
+        now = time.monotonic()
+        if now < self._next_poll:
+            return
+        self._next_poll = now + self.POLL_SPACING
+        self._polled_at = now
         if not self._drain_lock.acquire(blocking=False):
             return
         try:
@@ -398,6 +417,8 @@ class Subscriber:
             self._wake()
         finally:
             self._drain_lock.release()
+        if self._pending_acks or self._bus.resync:
+            self._wake()  # a wait=True writer is waiting (or a resync): this thread does it now
 
     def _wake(self) -> None:
         try:
@@ -411,6 +432,46 @@ class Subscriber:
                 pass
         except OSError:
             pass
+
+    def _probe_publish(self) -> None:
+        """Writes publish their invalidations from Lua scripts: without the right to PUBLISH
+        they would land in Redis, report a failure, and tell no other process. Find it now."""
+        bus = self._bus
+        try:
+            self._remote.execute(probe_publish(bus.channel, bus.node_id))
+            self._probed = True
+        except RemoteFailure as exc:
+            if not isinstance(exc.__cause__, redis.exceptions.NoPermissionError):
+                raise
+            bus.denied = self._denied("PUBLISH", exc.__cause__)
+            self._log.emit("acl", "tiercache: %s", bus.denied)
+        else:
+            bus.denied = None
+
+    def _denied(self, command: str, cause: BaseException) -> str:
+        channel = self._bus.channel
+        return (
+            f"the Redis user may not {command} on {channel!r} ({cause}): without it, writes and "
+            "invalidations do not reach the other processes. Grant it, e.g. ACL SETUSER <user> "
+            f"+publish +subscribe &tc:{channel.split(':')[1]}:*"
+        )
+
+    def _sync_generation(self) -> RedisOp:
+        bus = self._bus
+        return sync_generation(
+            self._seq_key, self._gen_key, _generation_number(bus.generation()), bus.channel, bus.node_id
+        )
+
+    def _resync(self) -> None:
+        """The sequence broke (a FLUSHALL?): make sure the generation did not go backwards in
+        Redis. If it did, the script starts one above ours and announces it; we adopt what it
+        returns (our own announcement is then old news)."""
+        self._bus.resync = False
+        try:
+            _, generation = self._remote.execute(self._sync_generation())
+        except RemoteFailure:
+            return  # the subscription fails too, and every resubscription runs the same check
+        self._bus.apply_generation(generation)
 
     def _send_acks(self) -> None:
         """Acknowledgements queued by ``_service`` (on any thread), sent from this thread only:
@@ -457,6 +518,8 @@ class Subscriber:
     def _apply(self, payloads: list[bytes]) -> None:
         self._pending_acks.extend(self._bus.handle(payloads))
         self._send_acks()
+        if self._bus.resync:
+            self._resync()
 
 
 def _shutdown(conn: redis.Connection) -> None:
