@@ -78,7 +78,9 @@ def reader(
         acks = handle(payloads)
         now = time.monotonic()
         for payload in payloads:
-            applied[json.loads(payload)["s"]] = now
+            seq = json.loads(payload).get("s")
+            if seq is not None:  # fill announcements are not numbered
+                applied[seq] = now
         return acks
 
     bus.handle = timed_handle  # type: ignore[method-assign]
@@ -248,6 +250,44 @@ def run_wait(url: str, n: int, readers: int = 3) -> dict[str, Any]:
     }
 
 
+def run_wait_busy(url: str, n: int, readers: int = 2, timeout: float = 0.2) -> dict[str, Any]:
+    """``wait=True`` against busy reader processes (a CPU-bound thread calling a ``@tiered``
+    function, so their callers poll the subscriber socket): each write waits for every
+    reader's acknowledgement, at most ``timeout``."""
+    namespace = f"waitbusy{os.getpid()}"
+    ctx = mp.get_context("spawn")
+    ready, results = ctx.Queue(), ctx.Queue()
+    seconds = n * 0.02 + 2.0
+    procs = [ctx.Process(target=reader, args=(url, namespace, True, seconds, ready, results)) for _ in range(readers)]
+    for p in procs:
+        p.start()
+    for _ in procs:
+        ready.get(timeout=30)
+    writer = TieredCache(url, namespace=namespace)
+    writer.ready(10)
+    waited = []
+    complete = 0
+    for i in range(n):
+        t = time.perf_counter()
+        result = writer.invalidate(f"tc:{namespace}:v1:k:{{w{i % 50}}}", wait=True, timeout=timeout)
+        waited.append((time.perf_counter() - t) * 1e3)
+        complete += result.complete
+        time.sleep(0.01)
+    writer.close()
+    for _ in procs:
+        results.get(timeout=60)
+    for p in procs:
+        p.join(30)
+    return {
+        "busy_readers": readers,
+        "timeout_s": timeout,
+        "wait_p50_ms": round(statistics.median(waited), 2),
+        "wait_p99_ms": round(percentile(waited, 99), 2),
+        "wait_max_ms": round(max(waited), 2),
+        "complete": f"{complete}/{n}",
+    }
+
+
 def run_throughput(url: str, seconds: float) -> dict[str, Any]:
     """L1 hits/s and miss latency with the bus and without (coherent=False), in alternating
     rounds so that the machine's noise falls on both alike."""
@@ -313,6 +353,7 @@ def main() -> None:
         report["latency_busy_switch"] = run_latency(server.url, args.rate, seconds, busy=True, switch=0.0005)
         report["stale"] = run_stale(server, seconds)
         report["wait"] = run_wait(server.url, 200 if args.quick else 1000)
+        report["wait_busy"] = run_wait_busy(server.url, 20 if args.quick else 100)
         report["throughput"] = run_throughput(server.url, 1.0 if args.quick else 3.0)
     finally:
         server.stop()
@@ -342,6 +383,11 @@ def main() -> None:
         f"\nwait=True with {w['subscribers']} subscribers: p50 {w['invalidate_wait_p50_us']} us, "
         f"p99 {w['invalidate_wait_p99_us']} us (plain invalidate p50 {w['invalidate_p50_us']} us), "
         f"complete {w['complete']}"
+    )
+    w = report["wait_busy"]
+    print(
+        f"wait=True against {w['busy_readers']} busy reader processes (timeout {w['timeout_s']} s): "
+        f"p50 {w['wait_p50_ms']} ms, p99 {w['wait_p99_ms']} ms, max {w['wait_max_ms']} ms, complete {w['complete']}"
     )
     t = report["throughput"]
     print(

@@ -20,8 +20,9 @@ pytestmark = [pytest.mark.redis, pytest.mark.slow]
         ["benchmarks/bench_stampede.py", "--quick"],
         ["benchmarks/bench_coalesce.py", "--quick"],
         ["benchmarks/bench_embeddings.py", "--quick"],
+        ["benchmarks/bench_outage.py", "--quick"],
     ],
-    ids=["bench_core", "bench_coherence", "bench_stampede", "bench_coalesce", "bench_embeddings"],
+    ids=["bench_core", "bench_coherence", "bench_stampede", "bench_coalesce", "bench_embeddings", "bench_outage"],
 )
 def test_benchmark_runs(command: list[str]) -> None:
     proc = subprocess.run(
