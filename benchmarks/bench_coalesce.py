@@ -15,22 +15,14 @@ settings. Starts its own throwaway redis-server (never the one on 6379).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import shutil
 import statistics
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness
+from harness import interleaved, median
 
-from bench_core import RedisServer  # noqa: E402
-
-from tiercache import TieredCache, tiered  # noqa: E402
+from tiercache import TieredCache, tiered
 
 
 async def one_round(url: str, coalesce: bool, tasks: int, calls: int) -> tuple[float, float, float]:
@@ -72,37 +64,52 @@ async def one_round(url: str, coalesce: bool, tasks: int, calls: int) -> tuple[f
     return done / wall, statistics.median(latencies) * 1e6, writes / done
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
-    repeats = 1 if args.quick else args.repeats
+def main(argv: list[str] | None = None) -> int:
+    parser = harness.parser(
+        __doc__, quick="400 calls, 1 round, up to 100 tasks: a smoke test", repeats="rounds (default 5, --quick 1)"
+    )
+    args = harness.parse(parser, argv)
+    repeats = args.repeats or (1 if args.quick else 5)
     calls = 400 if args.quick else 4000
     concurrency = (1, 10, 100) if args.quick else (1, 10, 50, 100, 200)
-    binary = shutil.which("redis-server")
-    if binary is None:
-        sys.exit("redis-server is not on PATH")
-    server = RedisServer(binary)
-    server.start()
-    try:
-        print(f"tiercache coalesce_reads: async L2 hits, {calls} calls, {repeats} rounds; redis {server.version}")
-        print(f"{'tasks':>6} {'coalesce':>9} {'calls/s':>9} {'p50 us':>9} {'conns/call':>11} {'speed-up':>9}")
+    t_start = time.monotonic()
+    with harness.redis_server(args.redis_server) as server:
+        meta = harness.environment(server)
+        harness.header(
+            "tiercache coalesce_reads benchmark",
+            meta,
+            method=f"{'--quick' if args.quick else 'full'} run; async L2 hits, {calls} calls, {repeats} rounds",
+        )
+        print(f"\n{'tasks':>6} {'coalesce':>9} {'calls/s':>9} {'p50 us':>9} {'conns/call':>11} {'speed-up':>9}")
+        rows = []
         for tasks in concurrency:
-            rows: dict[bool, list[tuple[float, float, float]]] = {False: [], True: []}
+            rounds: dict[bool, list[tuple[float, float, float]]] = {False: [], True: []}
             for r in range(repeats):
-                for coalesce in (False, True) if r % 2 == 0 else (True, False):
-                    rows[coalesce].append(asyncio.run(one_round(server.url, coalesce, tasks, calls)))
-            base = statistics.median(x[0] for x in rows[False])
+                for coalesce in interleaved((False, True), r):
+                    rounds[coalesce].append(asyncio.run(one_round(server.url, coalesce, tasks, calls)))
+            base = median([x[0] for x in rounds[False]])
             for coalesce in (False, True):
-                rate = statistics.median(x[0] for x in rows[coalesce])
-                p50 = statistics.median(x[1] for x in rows[coalesce])
-                conns = statistics.median(x[2] for x in rows[coalesce])
+                rate = median([x[0] for x in rounds[coalesce]])
+                p50 = median([x[1] for x in rounds[coalesce]])
+                conns = median([x[2] for x in rounds[coalesce]])
                 print(f"{tasks:>6} {coalesce!s:>9} {rate:>9.0f} {p50:>9.1f} {conns:>11.2f} {rate / base:>8.2f}x")
+                rows.append(
+                    {
+                        "tasks": tasks,
+                        "coalesce_reads": coalesce,
+                        "calls_per_s": rate,
+                        "p50_us": p50,
+                        "connections_per_call": conns,
+                        "speed_up": rate / base,
+                        "rounds": rounds[coalesce],
+                    }
+                )
         print("conns/call: connections taken from the pool per call (each is one round trip).")
-    finally:
-        server.cleanup()
+        end = harness.footer(meta, t_start)
+    if args.json:
+        harness.write_json(args.json, {"meta": {**meta, "quick": args.quick, **end}, "rows": rows})
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    harness.main(main)

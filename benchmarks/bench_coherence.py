@@ -18,46 +18,19 @@ Usage: python benchmarks/bench_coherence.py [--quick] [--rate 1000] [--seconds 3
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing as mp
 import os
-import shutil
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
+import harness
 import redis
-from bench_core import RedisServer
+from harness import percentile
 
 from tiercache import TieredCache, tiered
-
-
-class Server(RedisServer):
-    """bench_core's throwaway redis-server (free loopback port, no persistence, stopped by
-    pid, gone with this process), started at once."""
-
-    def __init__(self) -> None:
-        binary = os.environ.get("TIERCACHE_REDIS_SERVER") or shutil.which("redis-server")
-        if not binary:
-            raise SystemExit("redis-server not found on PATH (apt-get install redis-server)")
-        super().__init__(binary)
-        self.start()
-
-    def stop(self) -> None:
-        super().stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
-
 
 # -- processes -----------------------------------------------------------------------------
 
@@ -176,7 +149,7 @@ def stale_reader(url: str, truth_port: int, namespace: str, seconds: float, read
     cache.close()
 
 
-def run_stale(server: Server, seconds: float, readers: int = 3) -> dict[str, Any]:
+def run_stale(server: harness.RedisServer, seconds: float, readers: int = 3) -> dict[str, Any]:
     namespace = f"stale{os.getpid()}"
     ctx = mp.get_context("spawn")
     ready, results = ctx.Queue(), ctx.Queue()
@@ -331,22 +304,21 @@ def run_throughput(url: str, seconds: float) -> dict[str, Any]:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="short runs (smoke test)")
+def main(argv: list[str] | None = None) -> int:
+    parser = harness.parser(__doc__, quick="short runs (smoke test)")
     parser.add_argument("--rate", type=int, default=1000, help="invalidations per second")
     parser.add_argument("--seconds", type=float, default=3.0, help="length of each latency run")
-    parser.add_argument("--json", type=Path, help="also write the figures here")
-    args = parser.parse_args()
+    args = harness.parse(parser, argv)
     seconds = 1.0 if args.quick else args.seconds
-    server = Server()
-    report: dict[str, Any] = {
-        "python": sys.version.split()[0],
-        "redis_server": redis.Redis(port=server.port).info()["redis_version"],
-        "redis_py": redis.__version__,
-        "cpus": os.cpu_count(),
-    }
-    try:
+    t_start = time.monotonic()
+    with harness.redis_server(args.redis_server) as server:
+        meta = harness.environment(server)
+        harness.header(
+            "tiercache coherence benchmark",
+            meta,
+            method=f"{'--quick' if args.quick else 'full'} run; {args.rate:,} invalidations/s for {seconds:g} s a run",
+        )
+        report: dict[str, Any] = {"meta": meta}
         report["latency_idle"] = run_latency(server.url, args.rate, seconds, busy=False)
         report["latency_busy"] = run_latency(server.url, args.rate, seconds, busy=True)
         report["latency_busy_1"] = run_latency(server.url, args.rate, seconds, busy=True, readers=1)
@@ -355,12 +327,6 @@ def main() -> None:
         report["wait"] = run_wait(server.url, 200 if args.quick else 1000)
         report["wait_busy"] = run_wait_busy(server.url, 20 if args.quick else 100)
         report["throughput"] = run_throughput(server.url, 1.0 if args.quick else 3.0)
-    finally:
-        server.stop()
-    print(
-        f"python {report['python']}, redis-server {report['redis_server']}, redis-py {report['redis_py']}, "
-        f"{report['cpus']} cpus"
-    )
     print("\npropagation latency, writer call -> reader subscriber applied (ms)")
     print(f"{'readers':<34} {'rate/s':>8} {'samples':>8} {'lost':>5} {'p50':>8} {'p99':>8} {'max':>8}")
     for name in ("latency_idle", "latency_busy", "latency_busy_1", "latency_busy_switch"):
@@ -395,9 +361,11 @@ def main() -> None:
         f"{t['l1_hits_per_s_no_bus']:,} without (x{t['l1_hit_cost_of_bus']}); "
         f"miss {t['miss_us_bus']} us vs {t['miss_us_no_bus']} us (x{t['miss_cost_of_bus']})"
     )
+    meta.update(quick=args.quick, **harness.footer(meta, t_start))
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+        harness.write_json(args.json, report)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    harness.main(main)

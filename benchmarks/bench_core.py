@@ -1,52 +1,33 @@
 #!/usr/bin/env python3
 """Core-path benchmark: tiercache's L1 hit, L2 hit and miss against baselines measured in the same run.
 
-    /work/venv/bin/python benchmarks/bench_core.py            # full run (about a minute)
-    /work/venv/bin/python benchmarks/bench_core.py --quick    # smoke test (a few seconds)
-    /work/venv/bin/python benchmarks/bench_core.py --json out.json
+    .venv/bin/python benchmarks/bench_core.py            # full run (about a minute)
+    .venv/bin/python benchmarks/bench_core.py --quick    # smoke test (a few seconds)
+    .venv/bin/python benchmarks/bench_core.py --json out.json
 
-The script starts its own throwaway ``redis-server`` on a free loopback port (never the one on
-6379) and stops it by pid at the end, also on Ctrl-C, SIGTERM or an exception. Every figure is
-the median of ``--repeats`` rounds; in each round every case of a section times one batch of
-calls with ``time.perf_counter_ns`` and the garbage collector disabled, the cases taken in
-turn (forward, then backward), so a noisy neighbour slows all of them alike. Ratios are medians
-of per-round ratios against a baseline measured in the same round. See benchmarks/README.md.
+The harness (harness.py) starts a throwaway ``redis-server`` and prints the environment. Every
+figure is the median of ``--repeats`` interleaved rounds (harness.measure); ratios are medians of
+per-round ratios against a baseline measured in the same round. See benchmarks/README.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import atexit
 import functools
-import gc
-import json
 import os
-import platform
-import shlex
-import shutil
-import signal
-import socket
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Coroutine, Iterable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # measure the working tree's tiercache, installed or not
+import harness
+import msgpack
+import redis
+import redis.asyncio
+from harness import Case, Runner, measure, ratios
 
-import msgpack  # noqa: E402
-import redis  # noqa: E402
-import redis.asyncio  # noqa: E402
-
-import tiercache  # noqa: E402
-from tiercache import TieredCache, tiered  # noqa: E402
+from tiercache import TieredCache, tiered
 
 HOT = list(range(64))  # the arguments of the L1-hit section: 64 distinct warm entries
 HOT_L2 = list(range(8))  # the arguments of the L2-hit section
@@ -55,176 +36,6 @@ MISS_TTL = 60  # the miss section writes a new key per call: let them expire soo
 
 # Per-section time of one sample, in ms: (full, quick).
 SAMPLE_MS = {"l1": (50, 8), "l2": (150, 25), "miss": (200, 30)}
-
-Runner = Callable[[int], int]  # runs n calls, returns the elapsed ns
-
-
-# -- the throwaway redis-server --------------------------------------------------------------
-
-
-def _free_port() -> int:
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if port != 6379:
-            return port
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM if the benchmark dies (even by SIGKILL). Linux only."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
-
-
-def exit_on_signals() -> None:
-    """SIGTERM and SIGHUP raise SystemExit, so the benchmark's ``finally`` stops its server."""
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, on_signal)
-    if hasattr(signal, "SIGHUP"):
-        signal.signal(signal.SIGHUP, on_signal)
-
-
-class RedisServer:
-    """A redis-server owned by this process: a free loopback port, no persistence, stopped by pid."""
-
-    def __init__(self, binary: str) -> None:
-        self.binary = binary
-        self.port = 0
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.dir = tempfile.mkdtemp(prefix="tiercache-bench-")
-        self.version = "?"
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        log_path = os.path.join(self.dir, "redis.log")
-        for _ in range(5):
-            self.port = _free_port()
-            with open(log_path, "wb") as log:
-                self.proc = subprocess.Popen(
-                    [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                     "--appendonly", "no", "--dir", self.dir, "--daemonize", "no", "--loglevel", "warning",
-                     "--protected-mode", "no"],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    start_new_session=True,  # Ctrl-C reaches us only; we stop the server ourselves
-                    preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509 - no threads yet
-                )  # fmt: skip
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and self.proc.poll() is None:
-                try:
-                    client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=0.5)
-                    if client.ping():
-                        self.version = str(client.info("server").get("redis_version", "?"))
-                        client.close()
-                        return
-                except (redis.ConnectionError, redis.TimeoutError, OSError):
-                    time.sleep(0.02)
-            self.stop()  # port taken between probe and bind, or too slow: try another port
-        with open(log_path, errors="replace") as log:
-            raise RuntimeError(f"redis-server did not start: {log.read()[-2000:]}")
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()  # SIGTERM to this pid only; --save "" so nothing is written
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-
-    def cleanup(self) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-# -- measurement -----------------------------------------------------------------------------
-
-
-@dataclass
-class Case:
-    key: str  # stable id, used by --json and as a baseline reference
-    section: str  # "l1", "l2", "miss"
-    group: str  # the heading the row is printed under
-    label: str
-    run: Runner | None
-    baseline: str | None = None  # ratios are taken against this case's key
-    floor: str | None = None  # "over floor" = median minus this case's median
-    note: str = ""
-    skipped: str = ""
-    n: int = 0
-    samples: list[float] = field(default_factory=list)  # ns per call, one per round
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.samples)
-
-
-def _timed(run: Runner, n: int) -> float:
-    """ns per call of one batch of ``n`` calls, timed with the garbage collector off."""
-    gc.collect()
-    gc.disable()
-    try:
-        return run(n) / n
-    finally:
-        gc.enable()
-
-
-def _calibrate(case: Case, batch_ns: float, start_n: int) -> None:
-    """Find the batch size that takes about ``batch_ns`` (these runs also warm the case up)."""
-    assert case.run is not None
-    n = start_n
-    while True:
-        per_call = max(_timed(case.run, n), 0.001)
-        if per_call * n >= batch_ns / 5:
-            case.n = max(1, round(batch_ns / per_call))
-            return
-        n = min(n * 10, max(n * 2, round(batch_ns / per_call / 2)))
-
-
-def measure(cases: list[Case], repeats: int, sample_ms: float, parts: int, start_n: int) -> None:
-    """``repeats`` rounds. In a round every case runs ``parts`` batches (``sample_ms`` in all),
-    interleaved with the other cases' batches; its sample for the round is its fastest batch.
-
-    Interference from other processes only ever adds time, so the fastest batch is the least
-    disturbed one, and interleaving gives every case the same chances at a quiet moment.
-    Batches alternate direction (forward, backward), so each case stays next to the baseline
-    listed just before it and no case is always first."""
-    live = [c for c in cases if c.run is not None and not c.skipped]
-    for c in live:
-        _calibrate(c, sample_ms * 1e6 / parts, start_n)
-    for r in range(repeats):
-        best = dict.fromkeys((c.key for c in live), float("inf"))
-        gc.collect()
-        gc.disable()
-        try:
-            for p in range(parts):
-                for c in live if (r * parts + p) % 2 == 0 else live[::-1]:
-                    assert c.run is not None
-                    best[c.key] = min(best[c.key], c.run(c.n) / c.n)
-        finally:
-            gc.enable()
-        for c in live:
-            c.samples.append(best[c.key])
-        print(f"  round {r + 1}/{repeats} done", file=sys.stderr, flush=True)
-
-
-def ratios(case: Case, by_key: dict[str, Case]) -> list[float]:
-    """Per-round ratios against the baseline (both were sampled in the same round)."""
-    base = by_key.get(case.baseline or "")
-    if base is None or not base.samples or not case.samples:
-        return []
-    return [a / b for a, b in zip(case.samples, base.samples, strict=True)]
 
 
 # -- helpers to build runners ----------------------------------------------------------------
@@ -296,14 +107,10 @@ def async_fresh_runner(
     return run
 
 
-def _skip(key: str, section: str, group: str, label: str, why: str, **kw: Any) -> Case:
-    return Case(key, section, group, label, None, skipped=why, **kw)
-
-
 class Env:
     """What the sections share: the server, the event loop, and what to close at the end."""
 
-    def __init__(self, server: RedisServer) -> None:
+    def __init__(self, server: harness.RedisServer) -> None:
         self.server = server
         self.loop = asyncio.new_event_loop()
         self.sync_closers: list[Callable[[], Any]] = []
@@ -395,7 +202,7 @@ def section_l1(env: Env) -> list[Case]:
         lru_label = "cachetools.cached(LRUCache)"
         cases.append(Case("l1.sync.cachetools_lru", "l1", S, lru_label, sync_runner(lru_fn, HOT), ttl_base, plain_s))
     except ImportError:
-        cases.append(_skip(ttl_base, "l1", S, "cachetools.cached(TTLCache)", "pip install cachetools"))
+        cases.append(harness.skipped(ttl_base, "l1", S, "cachetools.cached(TTLCache)", "pip install cachetools"))
         cases.append(tiered_case)
 
     # async
@@ -426,7 +233,7 @@ def section_l1(env: Env) -> list[Case]:
             Case("l1.async.async_lru", "l1", A, "async_lru.alru_cache", async_runner(loop, alru, HOT), plain_a, plain_a)
         )
     except ImportError:
-        cases.append(_skip("l1.async.async_lru", "l1", A, "async_lru.alru_cache", "pip install async-lru"))
+        cases.append(harness.skipped("l1.async.async_lru", "l1", A, "async_lru.alru_cache", "pip install async-lru"))
 
     try:
         from aiocache import cached as aio_cached
@@ -440,7 +247,7 @@ def section_l1(env: Env) -> list[Case]:
             note = "default timeout=5 wraps every get in asyncio.wait_for" if not kw else ""
             cases.append(Case(key, "l1", A, label, async_runner(loop, fn, HOT), plain_a, plain_a, note=note))
     except ImportError:
-        cases.append(_skip("l1.async.aiocache", "l1", A, "aiocache @cached (memory)", "pip install aiocache"))
+        cases.append(harness.skipped("l1.async.aiocache", "l1", A, "aiocache @cached (memory)", "pip install aiocache"))
 
     try:
         from cashews import Cache as CashewsCache
@@ -455,7 +262,7 @@ def section_l1(env: Env) -> list[Case]:
             Case("l1.async.cashews", "l1", A, "cashews @cache (mem://)", async_runner(loop, fn, HOT), plain_a, plain_a)
         )
     except ImportError:
-        cases.append(_skip("l1.async.cashews", "l1", A, "cashews @cache (mem://)", "pip install cashews"))
+        cases.append(harness.skipped("l1.async.cashews", "l1", A, "cashews @cache (mem://)", "pip install cashews"))
     return cases
 
 
@@ -533,7 +340,9 @@ def _l2_cases(
             dp(a)
         cases.append(Case(f"l2.{tag}.dogpile", "l2", S, "dogpile.cache (redis, sync)", sync_runner(dp, HOT_L2), base_s))
     except ImportError:
-        cases.append(_skip(f"l2.{tag}.dogpile", "l2", S, "dogpile.cache (redis, sync)", "pip install dogpile.cache"))
+        cases.append(
+            harness.skipped(f"l2.{tag}.dogpile", "l2", S, "dogpile.cache (redis, sync)", "pip install dogpile.cache")
+        )
 
     try:
         from aiocache import Cache as AioCache
@@ -558,7 +367,9 @@ def _l2_cases(
             )
         )
     except ImportError:
-        cases.append(_skip(f"l2.{tag}.aiocache", "l2", S, "aiocache @cached (RedisCache)", "pip install aiocache"))
+        cases.append(
+            harness.skipped(f"l2.{tag}.aiocache", "l2", S, "aiocache @cached (RedisCache)", "pip install aiocache")
+        )
 
     try:
         from cashews import Cache as CashewsCache
@@ -580,7 +391,7 @@ def _l2_cases(
             )
         )
     except ImportError:
-        cases.append(_skip(f"l2.{tag}.cashews", "l2", S, "cashews @cache (redis://)", "pip install cashews"))
+        cases.append(harness.skipped(f"l2.{tag}.cashews", "l2", S, "cashews @cache (redis://)", "pip install cashews"))
     return cases
 
 
@@ -725,12 +536,12 @@ def report(cases: list[Case]) -> list[dict[str, Any]]:
         over = _fmt_delta(med - floor.median, c.section) if floor and floor.samples and floor is not c else ""
         rs = ratios(c, by_key)
         if c.baseline == c.key:
-            ratio = "baseline"
+            shown = "baseline"
         elif rs:
-            ratio = f"{statistics.median(rs):.2f}x  [{min(rs):.2f}-{max(rs):.2f}]  vs {by_key[c.baseline or ''].label}"
+            shown = f"{rs}  vs {by_key[c.baseline or ''].label}"
         else:
-            ratio = ""
-        print(f"  {c.label:<46} {_fmt_time(med, c.section):>11} {spread:>13} {over:>12}  {ratio}")
+            shown = ""
+        print(f"  {c.label:<46} {_fmt_time(med, c.section):>11} {spread:>13} {over:>12}  {shown}")
         if c.note:
             print(f"  {'':<46}   ({c.note})")
 
@@ -745,22 +556,17 @@ def report(cases: list[Case]) -> list[dict[str, Any]]:
             met = value < t.limit
             shown = f"{value:,.0f} ns"
         else:
-            base_key = t.against or c.baseline or ""
-            base = by_key.get(base_key)
-            if base is None or not base.samples:
+            rs = ratios(c, by_key, against=t.against)
+            if not rs:
                 continue
-            rs = [a / b for a, b in zip(c.samples, base.samples, strict=True)]
-            value = statistics.median(rs)
+            value = rs.median
             met = value <= t.limit
-            shown = f"{value:.2f}x (rounds {min(rs):.2f}-{max(rs):.2f})"
-        print(f"  [{'MET   ' if met else 'MISSED'}] {t.text:<55} {shown}")
-        verdicts.append({"target": t.text, "case": t.case, "value": value, "limit": t.limit, "met": met})
+            shown = f"{value:.2f}x (rounds {min(rs.rounds):.2f}-{max(rs.rounds):.2f})"
+        verdicts.append(harness.verdict(t.text, met, shown, value, case=t.case, limit=t.limit))
     return verdicts
 
 
-def write_json(
-    path: Path, meta: dict[str, Any], cases: list[Case], verdicts: list[dict[str, Any]], problems: list[str]
-) -> None:
+def json_doc(meta: dict[str, Any], cases: list[Case], verdicts: list[dict[str, Any]], problems: list[str]) -> Any:
     by_key = {c.key: c for c in cases}
     rows = []
     for c in cases:
@@ -776,126 +582,64 @@ def write_json(
                 "calls_per_batch": c.n,
                 "ns_per_call_rounds": c.samples,
                 "ns_per_call_median": c.median if c.samples else None,
-                "ratio_rounds": rs,
-                "ratio_median": statistics.median(rs) if rs else None,
+                "ratio_rounds": rs.rounds,
+                "ratio_median": rs.median if rs else None,
             }
         )
-    doc = {"meta": meta, "cases": rows, "targets": verdicts, "check_failures": problems}
-    path.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
-
-
-def environment(server: RedisServer | None) -> dict[str, Any]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    def ver(dist: str) -> str:
-        try:
-            return version(dist)
-        except PackageNotFoundError:
-            return "not installed"
-
-    try:
-        import hiredis
-
-        hiredis_ver = getattr(hiredis, "__version__", "present")
-    except ImportError:
-        hiredis_ver = "absent"
-    try:
-        rev = subprocess.run(
-            ["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
-            check=False,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        rev = ""
-    return {
-        "command": shlex.join([sys.executable, *sys.argv]),
-        "python": f"{platform.python_implementation()} {platform.python_version()} ({sys.executable})",
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "loadavg": _loadavg(),
-        "redis_server": f"{server.version} ({server.binary}, 127.0.0.1:{server.port})" if server else "not started",
-        "redis_py": redis.__version__,
-        "hiredis": f"{hiredis_ver}, used by redis-py: {getattr(redis.utils, 'HIREDIS_AVAILABLE', '?')}",
-        "tiercache": f"{tiercache.__version__} ({ROOT}{', git ' + rev if rev else ''})",
-        "peers": {d: ver(d) for d in ("cachetools", "async-lru", "aiocache", "cashews", "dogpile.cache")},
-    }
-
-
-def _loadavg() -> list[float] | None:
-    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    return {"meta": meta, "cases": rows, "targets": verdicts, "check_failures": problems}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="short samples and 3 rounds: a smoke test (~15 s)")
-    parser.add_argument("--repeats", type=int, help="rounds per case (default 9, --quick 3)")
+    parser = harness.parser(
+        __doc__,
+        quick="short samples and 3 rounds: a smoke test (~15 s)",
+        repeats="rounds per case (default 9, --quick 3)",
+    )
     parser.add_argument(
         "--parts", type=int, default=5, help="batches per case per round; the fastest is the round's sample (default 5)"
     )
-    parser.add_argument("--json", metavar="PATH", help="also write the figures to PATH as JSON")
     parser.add_argument("--only", default="l1,l2,miss", help="comma-separated sections to run: l1,l2,miss")
-    parser.add_argument(
-        "--redis-server", default=os.environ.get("TIERCACHE_REDIS_SERVER") or shutil.which("redis-server")
-    )
-    args = parser.parse_args(argv)
+    args = harness.parse(parser, argv)
     repeats = args.repeats or (3 if args.quick else 9)
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
     if unknown := set(sections) - set(SAMPLE_MS):
         parser.error(f"unknown sections: {sorted(unknown)}")
-    if not args.redis_server:
-        parser.error("redis-server not found on PATH (apt-get install redis-server), or pass --redis-server PATH")
 
-    exit_on_signals()
-
-    server = RedisServer(args.redis_server)
-    atexit.register(server.cleanup)  # a second line of defence; cleanup is idempotent
-    env: Env | None = None
     t_start = time.monotonic()
-    try:
-        server.start()
-        meta = environment(server)
-        print("tiercache core benchmark")
-        for k, v in meta.items():
-            print(f"  {k + ':':<14} {v}")
-        kind = "--quick" if args.quick else "full"
-        print(f"  {'method:':<14} {kind} run; {repeats} rounds per case, each the fastest of {args.parts} batches")
-        load1 = meta["loadavg"][0] if meta["loadavg"] else 0.0
-        if load1 > (os.cpu_count() or 1) / 2:
-            print(f"  WARNING: load average {load1:.1f} on {os.cpu_count()} CPUs: other work is running, expect noise")
-        env = Env(server)
-        builders = {"l1": (section_l1, 1000), "l2": (section_l2, 20), "miss": (section_miss, 20)}
-        cases: list[Case] = []
-        problems: list[str] = []
-        for name in sections:
-            build, start_n = builders[name]
-            print(f"[{name}] setting up and measuring ...", file=sys.stderr, flush=True)
-            section_cases = build(env)
-            full_ms, quick_ms = SAMPLE_MS[name]
-            measure(section_cases, repeats, quick_ms if args.quick else full_ms, args.parts, start_n)
-            problems += env.run_checks()
-            cases += section_cases
-        verdicts = report(cases)
-        for problem in problems:
-            print(f"  CHECK FAILED: {problem}")
-        elapsed = time.monotonic() - t_start
-        load = _loadavg()
-        print(f"\nwall time {elapsed:.0f} s; load average at start {meta['loadavg']}, at end {load}")
-        if args.json:
-            meta.update(repeats=repeats, parts=args.parts, quick=args.quick, wall_s=elapsed, loadavg_end=load)
-            write_json(Path(args.json), meta, cases, verdicts, problems)
-            print(f"wrote {args.json}")
-    finally:
-        if env is not None:
-            env.close()
-        server.cleanup()
+    env: Env | None = None
+    with harness.redis_server(args.redis_server) as server:
+        try:
+            meta = harness.environment(server)
+            kind = "--quick" if args.quick else "full"
+            harness.header(
+                "tiercache core benchmark",
+                meta,
+                method=f"{kind} run; {repeats} rounds per case, each the fastest of {args.parts} batches",
+            )
+            env = Env(server)
+            builders = {"l1": (section_l1, 1000), "l2": (section_l2, 20), "miss": (section_miss, 20)}
+            cases: list[Case] = []
+            problems: list[str] = []
+            for name in sections:
+                build, start_n = builders[name]
+                harness.progress(f"[{name}] setting up and measuring ...")
+                section_cases = build(env)
+                full_ms, quick_ms = SAMPLE_MS[name]
+                measure(section_cases, repeats, quick_ms if args.quick else full_ms, args.parts, start_n)
+                problems += env.run_checks()
+                cases += section_cases
+            verdicts = report(cases)
+            for problem in problems:
+                print(f"  CHECK FAILED: {problem}")
+            end = harness.footer(meta, t_start)
+            if args.json:
+                meta.update(repeats=repeats, parts=args.parts, quick=args.quick, **end)
+                harness.write_json(args.json, json_doc(meta, cases, verdicts, problems))
+        finally:
+            if env is not None:
+                env.close()
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:  # the server was stopped on the way out (main's finally)
-        print("\ninterrupted", file=sys.stderr)
-        sys.exit(130)
+    harness.main(main)

@@ -6,7 +6,7 @@ dogpile.cache, and the cost of ``invalidate_tags`` / ``clear`` as the number of 
     .venv/bin/python benchmarks/bench_embeddings.py --quick    # smoke test (under 15 s)
     .venv/bin/python benchmarks/bench_embeddings.py --only a --repeats 5 --json out.json
 
-Starts its own throwaway ``redis-server`` (bench_core's ``RedisServer``: a free loopback port,
+Starts its own throwaway ``redis-server`` (the harness's ``RedisServer``: a free loopback port,
 never 6379, no persistence, stopped by pid) and empties it (FLUSHALL of this server only)
 before every measured run.
 
@@ -35,33 +35,24 @@ B. Tags. For N tagged entries of ``@tiered(cache, tags=["t"])`` filled in Redis 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import atexit
 import gc
-import json
-import os
 import random
-import shutil
 import statistics
 import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # measure the working tree's tiercache, installed or not
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness
+import numpy as np
+import redis
+from harness import RedisServer, interleaved
+from harness import median as med
 
-import numpy as np  # noqa: E402
-import redis  # noqa: E402
-from bench_core import RedisServer, _loadavg, environment, exit_on_signals  # noqa: E402
-
-from tiercache import TieredCache, tiered, tiered_batch  # noqa: E402
+from tiercache import TieredCache, tiered, tiered_batch
 
 DIM = 384
 BATCH = 64
@@ -175,11 +166,6 @@ class Wire:
 
 
 WIRE = Wire()
-
-
-def server_counts(admin: redis.Redis) -> dict[str, int]:
-    stats = admin.info("commandstats")
-    return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
 
 
 def server_delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
@@ -543,14 +529,14 @@ def run_pass(env: Env, impl: Impl, stream: Stream, probe: Probe) -> PassResult:
     gc.collect()
     p0 = probe.snapshot()
     st0 = impl.cache.stats() if impl.cache is not None else None
-    s0 = server_counts(env.admin)
+    s0 = harness.commandstats(env.admin)
     w0 = WIRE.snapshot()
     if impl.is_async:
         wall, wrong, first = env.aio(_async_pass(impl, stream))
     else:
         wall, wrong, first = _sync_pass(impl, stream)
     w1 = WIRE.snapshot()
-    s1 = server_counts(env.admin)
+    s1 = harness.commandstats(env.admin)
     p1 = probe.snapshot()
     stats: dict[str, int] = {}
     if impl.cache is not None and st0 is not None:
@@ -605,8 +591,7 @@ def section_embeddings(env: Env, stream: Stream, repeats: int, warm_passes: int)
         print(f"[A] warming up {spec.key} ...", file=sys.stderr, flush=True)
         warm_up(env, spec, stream)
     for r in range(repeats):
-        order = results if r % 2 == 0 else results[::-1]  # neighbours swap places every run
-        for res in order:
+        for res in interleaved(results, r):  # neighbours swap places every run
             spec = res.spec
             print(f"[A] run {r + 1}/{repeats}: {spec.key} ...", file=sys.stderr, flush=True)
             env.flush()
@@ -707,13 +692,13 @@ class TagResult:
 
 
 def _timed_op(env: Env, op: Callable[[], Any]) -> tuple[float, int, int, dict[str, int]]:
-    s0 = server_counts(env.admin)
+    s0 = harness.commandstats(env.admin)
     w0 = WIRE.snapshot()
     t0 = time.perf_counter_ns()
     op()
     dt = (time.perf_counter_ns() - t0) / 1000
     w1 = WIRE.snapshot()
-    s1 = server_counts(env.admin)
+    s1 = harness.commandstats(env.admin)
     return dt, w1[0] - w0[0], w1[1] - w0[1], server_delta(s1, s0)
 
 
@@ -796,10 +781,6 @@ def _tags_for(env: Env, n: int, invalidations: int, few: int) -> TagResult:
 # -- report ----------------------------------------------------------------------------------
 
 
-def med(xs: list[float] | list[int]) -> float:
-    return statistics.median(xs) if xs else float("nan")
-
-
 def _counts(passes: list[PassResult], attr: str) -> str:
     vals = [getattr(p, attr) for p in passes]
     lo, hi = min(vals), max(vals)
@@ -842,10 +823,8 @@ def report_embeddings(results: list[RowResult], stream: Stream, repeats: int, wa
             f"{wall:>7.2f} {fn:>8.2f} {rest:>7.3f} {rest / len(stream.batches) * 1000:>8.2f} ms"
         )
     print(
-        "  (rest = wall - time inside the function: the cache's own cost, I/O included. round trips and cmds sent\n"
-        "   are counted in redis-py on the calling thread; Redis cmds by the server, Lua redis.calls included. Per\n"
-        "   batch with a miss: tiercache 1 pipeline (SET NX GET + PTTL per key missing from L1) + 1 EVALSHA fill;\n"
-        "   aiocache MGET + a MULTI/MSET/EXPIRE per key/EXEC transaction; dogpile MGET + MULTI/SETEX per key/EXEC)"
+        "  (rest = wall - time inside the function; round trips and cmds sent: counted in redis-py on the calling\n"
+        "   thread; Redis cmds: by the server, Lua redis.calls included)"
     )
 
     print("\nA2. Redis memory after the cold pass")
@@ -943,87 +922,22 @@ def report_tags(results: list[TagResult], invalidations: int, few: int) -> None:
         )
     print(
         "  (÷ invalidate_tags median: one-by-one / DEL pipeline. L1 copy left: after the DELs this process still "
-        "answered f(0) from its L1 without calling the function: raw DELs tell no process's L1, f.invalidate "
-        "and invalidate_tags do)"
+        "answered f(0) from its L1 without calling the function)"
     )
 
 
-def conclusion(emb: list[RowResult], stream: Stream, tags: list[TagResult]) -> None:
-    print("\nConclusion")
-    by = {r.spec.key: r for r in emb}
-    tier = by.get("tier_sync")
-    if tier:
-        c = tier.cold
-        print(
-            f"  - cold: tiercache called the function {int(med([p.fn_calls for p in c]))} times for "
-            f"{int(med([p.fn_items for p in c])):,} items (ideal {stream.batches_with_new} / {stream.distinct:,}), "
-            f"in {int(med([p.round_trips for p in c]))} round trips: repeats seen earlier in this process are L1 hits "
-            "and cost no I/O; only batches holding a new text go to Redis (1 pipeline + 1 fill script)."
-        )
-        for key in ("aiocache_json", "aiocache_msgpack", "dogpile"):
-            peer = by.get(key)
-            if peer:
-                pc = peer.cold
-                rest_t = med([p.wall_s - p.fn_s for p in c])
-                rest_p = med([p.wall_s - p.fn_s for p in pc])
-                print(
-                    f"    {peer.spec.label}: {int(med([p.fn_calls for p in pc]))} calls, "
-                    f"{int(med([p.fn_items for p in pc])):,} items, {int(med([p.round_trips for p in pc]))} round "
-                    f"trips; cache cost {rest_p:.2f} s vs tiercache {rest_t:.2f} s; "
-                    f"{med(peer.value_bytes) / stream.distinct:,.0f} B per value vs "
-                    f"{med(tier.value_bytes) / stream.distinct:,.0f} B."
-                )
-        raw = by.get("tier_sync_raw")
-        if raw and raw.warm_l2 and tier.warm_l2:
-            print(
-                f"  - compression: the default (zstd above 1 KB) saves "
-                f"{1 - med(tier.value_bytes) / med(raw.value_bytes):.0%} of the bytes of these float32 vectors "
-                f"({med(tier.value_bytes) / stream.distinct:,.0f} vs {med(raw.value_bytes) / stream.distinct:,.0f} B) "
-                f"but a new cache object's warm pass takes {med([p.wall_s for p in tier.warm_l2]) * 1000:,.0f} ms "
-                f"with it and {med([p.wall_s for p in raw.warm_l2]) * 1000:,.0f} ms with compression=None "
-                f"(cold-pass cache cost {med([p.wall_s - p.fn_s for p in tier.cold]):.2f} vs "
-                f"{med([p.wall_s - p.fn_s for p in raw.cold]):.2f} s)."
-            )
-        warm = med([p.wall_s for p in tier.warm])
-        l2 = med([p.wall_s for p in tier.warm_l2]) if tier.warm_l2 else float("nan")
-        peers_warm = ", ".join(
-            f"{by[k].spec.label.split(' ')[0]}{' (msgpack)' if k == 'aiocache_msgpack' else ''} "
-            f"{med([p.wall_s for p in by[k].warm]) * 1000:,.0f} ms"
-            for k in ("aiocache_json", "aiocache_msgpack", "dogpile")
-            if k in by
-        )
-        print(
-            f"  - warm: tiercache answers the whole stream from L1 in {warm * 1000:,.0f} ms with no Redis traffic; "
-            f"a new cache object (Redis warm, L1 empty) takes {l2 * 1000:,.0f} ms; peers (Redis every batch): "
-            f"{peers_warm}."
-        )
-    if tags:
-        lo, hi = tags[0], tags[-1]
-        print(
-            f"  - invalidate_tags: median {lo.tags.median_us:,.0f} µs at N={lo.n:,} and {hi.tags.median_us:,.0f} µs "
-            f"at N={hi.n:,}, {int(med(hi.tags.round_trips))} round trip and "
-            f"{med([sum(s.values()) for s in hi.tags.server]):,.0f} Redis commands at every N: flat. clear(): "
-            f"{lo.clear.median_us:,.0f} / {hi.clear.median_us:,.0f} µs (first, with N entries in L1: "
-            f"{lo.clear.first_us:,.0f} / {hi.clear.first_us:,.0f} µs). Deleting {hi.n:,} entries one by one took "
-            f"{hi.per_key_ms:,.0f} ms ({hi.per_key_rt:,} round trips); a DEL pipeline {hi.del_ms:,.1f} ms but "
-            "leaves every L1 stale."
-        )
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="640 texts, 1 run, N up to 1,000: a smoke test")
+    parser = harness.parser(
+        __doc__,
+        quick="640 texts, 1 run, N up to 1,000: a smoke test",
+        repeats="cold runs per library (default 3; --quick 1)",
+    )
     parser.add_argument("--texts", type=int, help="texts in the stream (default 10,000; --quick 640)")
-    parser.add_argument("--repeats", type=int, help="cold runs per library (default 3; --quick 1)")
     parser.add_argument("--warm-passes", type=int, help="warm passes per run (default 3; --quick 1)")
     parser.add_argument("--sizes", help="section B's N values, comma-separated (default 10,100,1000,10000)")
     parser.add_argument("--invalidations", type=int, help="operations per N in section B (default 20; --quick 5)")
     parser.add_argument("--only", default="a,b", help="sections to run: a,b")
-    parser.add_argument("--json", metavar="PATH", help="also write the figures to PATH as JSON")
-    parser.add_argument(
-        "--redis-server", default=os.environ.get("TIERCACHE_REDIS_SERVER") or shutil.which("redis-server")
-    )
-    args = parser.parse_args(argv)
+    args = harness.parse(parser, argv)
     texts = args.texts or (640 if args.quick else 10_000)
     repeats = args.repeats or (1 if args.quick else 3)
     warm_passes = args.warm_passes or (1 if args.quick else 3)
@@ -1035,67 +949,48 @@ def main(argv: list[str] | None = None) -> int:
     sections = {s.strip() for s in args.only.split(",") if s.strip()}
     if sections - {"a", "b"}:
         parser.error(f"unknown sections: {sorted(sections - {'a', 'b'})}")
-    if not args.redis_server:
-        parser.error("redis-server not found on PATH (apt-get install redis-server), or pass --redis-server PATH")
 
-    exit_on_signals()
-
-    server = RedisServer(args.redis_server)
-    atexit.register(server.cleanup)
     env: Env | None = None
     t_start = time.monotonic()
-    try:
-        server.start()
-        WIRE.install()
-        meta = environment(server)
-        print("tiercache embeddings benchmark: @tiered_batch and tag invalidation")
-        for k, v in meta.items():
-            print(f"  {k + ':':<14} {v}")
-        kind = "--quick" if args.quick else "full"
-        print(
-            f"  {'method:':<14} {kind} run; A: {texts:,} texts, {repeats} cold run(s) per library, "
-            f"{warm_passes} warm pass(es) per run; B: N in {sizes}, {invalidations} operations per N; medians"
-        )
-        load1 = meta["loadavg"][0] if meta["loadavg"] else 0.0
-        if load1 > (os.cpu_count() or 1) / 2:
-            print(f"  WARNING: load average {load1:.1f} on {os.cpu_count()} CPUs: other work is running, expect noise")
-        env = Env(server)
-        stream = make_stream(texts)
-        emb: list[RowResult] = []
-        tag_results: list[TagResult] = []
-        if "a" in sections:
-            emb = section_embeddings(env, stream, repeats, warm_passes)
-            report_embeddings(emb, stream, repeats, warm_passes)
-        if "b" in sections:
-            tag_results = section_tags(env, sizes, invalidations, few)
-            report_tags(tag_results, invalidations, few)
-        conclusion(emb, stream, tag_results)
-        for note in env.notes:
-            print(f"  NOTE (peer): {note}")
-        for problem in env.problems:
-            print(f"  CHECK FAILED (tiercache): {problem}")
-        elapsed = time.monotonic() - t_start
-        load = _loadavg()
-        print(f"\nwall time {elapsed:.0f} s; load average at start {meta['loadavg']}, at end {load}")
-        if args.json:
-            write_json(Path(args.json), meta, stream, emb, tag_results, env, elapsed)
-            print(f"wrote {args.json}")
-        return 1 if env.problems else 0
-    finally:
-        if env is not None:
-            env.close()
-        server.cleanup()
+    with harness.redis_server(args.redis_server) as server:
+        try:
+            WIRE.install()
+            meta = harness.environment(server)
+            kind = "--quick" if args.quick else "full"
+            harness.header(
+                "tiercache embeddings benchmark: @tiered_batch and tag invalidation",
+                meta,
+                method=(
+                    f"{kind} run; A: {texts:,} texts, {repeats} cold run(s) per library, {warm_passes} warm "
+                    f"pass(es) per run; B: N in {sizes}, {invalidations} operations per N; medians"
+                ),
+            )
+            env = Env(server)
+            stream = make_stream(texts)
+            emb: list[RowResult] = []
+            tag_results: list[TagResult] = []
+            if "a" in sections:
+                emb = section_embeddings(env, stream, repeats, warm_passes)
+                report_embeddings(emb, stream, repeats, warm_passes)
+            if "b" in sections:
+                tag_results = section_tags(env, sizes, invalidations, few)
+                report_tags(tag_results, invalidations, few)
+            for note in env.notes:
+                print(f"  NOTE (peer): {note}")
+            for problem in env.problems:
+                print(f"  CHECK FAILED (tiercache): {problem}")
+            meta.update(quick=args.quick, **harness.footer(meta, t_start))
+            if args.json:
+                harness.write_json(args.json, json_doc(meta, stream, emb, tag_results, env))
+            return 1 if env.problems else 0
+        finally:
+            if env is not None:
+                env.close()
 
 
-def write_json(
-    path: Path,
-    meta: dict[str, Any],
-    stream: Stream,
-    emb: list[RowResult],
-    tags: list[TagResult],
-    env: Env,
-    elapsed: float,
-) -> None:
+def json_doc(
+    meta: dict[str, Any], stream: Stream, emb: list[RowResult], tags: list[TagResult], env: Env
+) -> dict[str, Any]:
     def pas(p: PassResult) -> dict[str, Any]:
         return {
             "wall_s": p.wall_s,
@@ -1109,8 +1004,8 @@ def write_json(
             "stats": p.stats,
         }
 
-    doc = {
-        "meta": {**meta, "wall_s": elapsed},
+    return {
+        "meta": meta,
         "stream": {
             "texts": len(stream.texts),
             "batches": len(stream.batches),
@@ -1153,12 +1048,7 @@ def write_json(
         "notes": env.notes,
         "check_failures": env.problems,
     }
-    path.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:  # the server was stopped on the way out (main's finally)
-        print("\ninterrupted", file=sys.stderr)
-        sys.exit(130)
+    harness.main(main)

@@ -12,25 +12,22 @@ Usage: python benchmarks/bench_outage.py [--quick] [--seconds 3] [--keys 4] [--j
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
-import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_coherence import Server
+import harness
 
 from tiercache import TieredCache, tiered
 
 
-def run(outage_l1_ttl: float | None, seconds: float, keys: int, threads: int, tasks: int) -> dict[str, Any]:
-    server = Server()
+def run(
+    server: harness.RedisServer, outage_l1_ttl: float | None, seconds: float, keys: int, threads: int, tasks: int
+) -> dict[str, Any]:
+    """One outage: a new server (``server`` restarted), warmed, stopped, and called through."""
+    if not server.running:
+        server.start()
     cache = TieredCache(
         server.url, namespace="outage", socket_timeout=0.1, connect_timeout=0.1, outage_l1_ttl=outage_l1_ttl
     )
@@ -108,17 +105,25 @@ def run(outage_l1_ttl: float | None, seconds: float, keys: int, threads: int, ta
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a short run (smoke test)")
+def main(argv: list[str] | None = None) -> int:
+    parser = harness.parser(__doc__, quick="a 1 s outage (smoke test)")
     parser.add_argument("--seconds", type=float, default=3.0, help="length of the outage")
     parser.add_argument("--keys", type=int, default=4, help="hot keys")
-    parser.add_argument("--json", type=Path, help="also write the figures here")
-    args = parser.parse_args()
+    args = harness.parse(parser, argv)
     seconds = 1.0 if args.quick else args.seconds
-    rows = [run(ttl, seconds, args.keys, threads=2, tasks=4) for ttl in (None, 0.0)]
-    print(f"tiercache outage: {args.keys} hot keys, Redis stopped, 2 sync threads + 4 async tasks calling")
-    print(f"{'outage_l1_ttl':<32} {'s':>5} {'calls':>10} {'fn runs':>9} {'runs/key/s':>11}  (sync | async)")
+    t_start = time.monotonic()
+    with harness.redis_server(args.redis_server) as server:
+        meta = harness.environment(server)
+        harness.header(
+            "tiercache outage benchmark",
+            meta,
+            method=(
+                f"{'--quick' if args.quick else 'full'} run; {args.keys} hot keys, Redis stopped for {seconds:g} s, "
+                "2 sync threads + 4 async tasks calling"
+            ),
+        )
+        rows = [run(server, ttl, seconds, args.keys, threads=2, tasks=4) for ttl in (None, 0.0)]
+    print(f"\n{'outage_l1_ttl':<32} {'s':>5} {'calls':>10} {'fn runs':>9} {'runs/key/s':>11}  (sync | async)")
     for r in rows:
         print(
             f"{r['outage_l1_ttl']!s:<32} {r['seconds']:>5} "
@@ -127,9 +132,11 @@ def main() -> None:
         print(
             f"{'':<32} {'':>5} {r['async_calls']:>10,} {r['async_runs']:>9,} {r['async_runs_per_key_per_s']:>11}  async"
         )
+    end = harness.footer(meta, t_start)
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        harness.write_json(args.json, {"meta": {**meta, "quick": args.quick, **end}, "rows": rows})
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    harness.main(main)

@@ -5,7 +5,7 @@
     .venv/bin/python benchmarks/bench_stampede.py --quick    # smoke test (about 12 s)
     .venv/bin/python benchmarks/bench_stampede.py --only stampede --trials 15 --json out.json
 
-Starts its own throwaway ``redis-server`` (bench_core's ``RedisServer``: a free loopback port,
+Starts its own throwaway ``redis-server`` (the harness's ``RedisServer``: a free loopback port,
 never 6379, no persistence, stopped by pid) and a pool of worker processes (``spawn``) that
 live for the whole run. Every library gets the same server, the same TTL (300 s) and the same
 function: 50 ms of ``time.sleep`` (sync) or ``asyncio.sleep`` (async), returning a short string.
@@ -28,19 +28,15 @@ B. Zipf trace. ``--zipf-requests`` requests over ``--zipf-keys`` keys (Zipf ``s`
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import atexit
 import gc
 import itertools
-import json
 import logging
 import math
 import multiprocessing as mp
 import os
 import random
 import secrets
-import shutil
 import signal
 import statistics
 import sys
@@ -50,15 +46,12 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working tree's tiercache
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
+import harness
 import redis
 import redis.asyncio
-from bench_core import RedisServer, _die_with_parent, _loadavg, environment, exit_on_signals
+from harness import RedisServer, percentile
 
 from tiercache import TieredCache, tiered
 
@@ -77,9 +70,7 @@ PEER_POOL = 100
 DOGPILE_LOCK_TIMEOUT = 10
 POOL_NOTE = (
     f"aiocache and dogpile.cache use redis-py BlockingConnectionPool(max_connections={PEER_POOL}); dogpile's "
-    f"distributed lock gets lock_timeout={DOGPILE_LOCK_TIMEOUT} s. With their defaults (a non-blocking pool of 100 "
-    f"that raises MaxConnectionsError, and a lock that never expires) 1,000 callers made aiocache call the "
-    f"function on the errors and left dogpile locks held forever"
+    f"distributed lock gets lock_timeout={DOGPILE_LOCK_TIMEOUT} s (why: docs/benchmarks.md)"
 )
 
 # -- the worker processes ----------------------------------------------------------------------
@@ -424,7 +415,7 @@ def run_zipf(subject: Subject, trace: list[int], callers: int) -> dict[str, Any]
         wall = subject.loop.run_until_complete(main())
     with _ROUND_TRIPS_LOCK:
         round_trips = _ROUND_TRIPS[0]
-    flat = sorted(x for lat in latencies for x in lat)
+    flat = [x for lat in latencies for x in lat]
     logged, first_log = LOGS.take()
     return {
         "calls": subject.counter.n - before,
@@ -434,8 +425,8 @@ def run_zipf(subject: Subject, trace: list[int], callers: int) -> dict[str, Any]
         "round_trips": round_trips,
         "errors": len(errors),
         "first_error": errors[0] if errors else None,
-        "p50_ms": _percentile(flat, 50) * 1e3,
-        "p99_ms": _percentile(flat, 99) * 1e3,
+        "p50_ms": percentile(flat, 50) * 1e3,
+        "p99_ms": percentile(flat, 99) * 1e3,
     }
 
 
@@ -449,7 +440,7 @@ def _stats(subject: Subject | None) -> dict[str, Any] | None:
 
 def worker_main(conn: Connection, index: int) -> None:
     """A worker process: builds one subject at a time and runs what the parent asks."""
-    _die_with_parent()  # gone with the benchmark, even if it is killed outright
+    harness.die_with_parent()  # gone with the benchmark, even if it is killed outright
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the parent stops us
     _count_round_trips()
     logging.getLogger().addHandler(LOGS)  # counted, not printed (see LogCounter)
@@ -587,7 +578,7 @@ CONFIGS = [
 ]
 ZIPF_CONFIGS = [c for c in CONFIGS if c.lib != "none"]
 TIERCACHE_ROWS = ("tiercache.sync", "tiercache.async")
-ADMIN_COMMANDS = ("cmdstat_info", "cmdstat_flushall")  # and CONFIG ...: the benchmark's own
+ADMIN_COMMANDS = ("info", "flushall")  # and CONFIG ...: the benchmark's own
 
 
 @dataclass
@@ -630,18 +621,12 @@ class StampedeRow:
 
 
 def server_commands(client: redis.Redis) -> dict[str, int]:
-    stats = client.info("commandstats")
+    """The workload's commands (the benchmark's own INFO, FLUSHALL and CONFIG ... left out)."""
     return {
-        name.removeprefix("cmdstat_"): int(v["calls"])
-        for name, v in stats.items()
-        if name not in ADMIN_COMMANDS and not name.startswith("cmdstat_config")
+        name: calls
+        for name, calls in harness.commandstats(client).items()
+        if name not in ADMIN_COMMANDS and not name.startswith("config")
     }
-
-
-def _percentile(ordered: list[float], p: float) -> float:
-    if not ordered:
-        return math.nan
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 def _spec(config: Config, server: RedisServer, namespace: str, fn_ms: float) -> dict[str, Any]:
@@ -826,10 +811,8 @@ def report_stampede(rows: list[StampedeRow], fn_ms: float) -> list[dict[str, Any
         where = f"{r.procs} process{'es' if r.procs > 1 else ''}"
         text1 = f"{r.config.label}, {where}: exactly 1 function call per trial"
         text2 = f"{r.config.label}, {where}: wall <= {fn_ms + TIERCACHE_SLACK_MS:g} ms (median)"
-        print(f"  [{'MET   ' if one else 'MISSED'}] {text1:<78} calls {_calls_cell(calls)}")
-        print(f"  [{'MET   ' if fast else 'MISSED'}] {text2:<78} {_ms(med)} ms{floor_note}")
-        verdicts.append({"target": text1, "met": one, "value": calls})
-        verdicts.append({"target": text2, "met": fast, "value": med})
+        verdicts.append(harness.verdict(text1, one, f"calls {_calls_cell(calls)}", calls, width=78))
+        verdicts.append(harness.verdict(text2, fast, f"{_ms(med)} ms{floor_note}", med, width=78))
     return verdicts
 
 
@@ -885,10 +868,8 @@ def report_zipf(rows: list[ZipfRow], params: dict[str, Any]) -> list[dict[str, A
         calls, wall = r.result["calls"], r.result["wall_s"]
         t1 = f"{r.config.label}: fewest function calls (peers' best: {fewest:,})"
         t2 = f"{r.config.label}: lowest wall time (peers' best: {fastest:.2f} s)"
-        print(f"  [{'MET   ' if calls <= fewest else 'MISSED'}] {t1:<78} {calls:,}")
-        print(f"  [{'MET   ' if wall < fastest else 'MISSED'}] {t2:<78} {wall:.2f} s")
-        verdicts.append({"target": t1, "met": calls <= fewest, "value": calls})
-        verdicts.append({"target": t2, "met": wall < fastest, "value": wall})
+        verdicts.append(harness.verdict(t1, calls <= fewest, f"{calls:,}", calls, width=78))
+        verdicts.append(harness.verdict(t2, wall < fastest, f"{wall:.2f} s", wall, width=78))
     return verdicts
 
 
@@ -896,12 +877,50 @@ def report_zipf(rows: list[ZipfRow], params: dict[str, Any]) -> list[dict[str, A
 
 
 def _progress(what: str, t_start: float) -> None:
-    print(f"  {time.monotonic() - t_start:6.1f} s  {what} ...", file=sys.stderr, flush=True)
+    harness.progress(f"  {time.monotonic() - t_start:6.1f} s  {what} ...")
+
+
+def json_doc(
+    meta: dict[str, Any],
+    stampede_rows: list[StampedeRow],
+    zipf_rows: list[ZipfRow],
+    zparams: dict[str, Any],
+    verdicts: list[dict[str, Any]],
+) -> dict[str, Any]:
+    return {
+        "meta": meta,
+        "stampede": [
+            {
+                "case": r.config.key,
+                "label": r.config.label,
+                "procs": r.procs,
+                "callers_per_process": r.per_worker,
+                "skipped": r.skipped or None,
+                "calls": r.calls(),
+                "wall_ms": r.walls(),
+                "got_value_ms": r.got_value(),
+                "fn_start_ms": r.fn_times()[0],
+                "fn_end_ms": r.fn_times()[1],
+                "caller_p50_ms": r.caller_p50s(),
+                "redis_commands": r.commands,
+                "tiercache_stats": r.stats,
+            }
+            for r in stampede_rows
+        ],
+        "zipf": {
+            "params": zparams,
+            "rows": [
+                {"case": r.config.key, "label": r.config.label, "skipped": r.skipped or None, **r.result}
+                | {"redis_commands": r.commands, "tiercache_stats": r.stats}
+                for r in zipf_rows
+            ],
+        },
+        "targets": verdicts,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a smoke test: everything scaled down (~12 s)")
+    parser = harness.parser(__doc__, quick="a smoke test: everything scaled down (~12 s)")
     parser.add_argument("--only", default="stampede,zipf", help="comma-separated parts: stampede,zipf")
     parser.add_argument(
         "--cases", default="", help="comma-separated case prefixes to run, e.g. floor,tiercache (default: all)"
@@ -916,11 +935,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--zipf-s", type=float, default=1.0, help="Zipf exponent (default 1.0)")
     parser.add_argument("--zipf-callers", type=int, help="default 200 (quick 40)")
     parser.add_argument("--seed", type=int, default=20240611)
-    parser.add_argument("--json", metavar="PATH", help="also write every figure as JSON")
-    parser.add_argument(
-        "--redis-server", default=os.environ.get("TIERCACHE_REDIS_SERVER") or shutil.which("redis-server")
-    )
-    args = parser.parse_args(argv)
+    args = harness.parse(parser, argv)
     quick = args.quick
     callers = args.callers or (40 if quick else 1000)
     trials = args.trials or (2 if quick else 9)
@@ -936,116 +951,70 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown parts: {sorted(unknown)}")
     if callers % args.procs:
         parser.error(f"--callers {callers} must be a multiple of --procs {args.procs}")
-    if not args.redis_server:
-        parser.error("redis-server not found on PATH (apt-get install redis-server), or pass --redis-server PATH")
 
-    exit_on_signals()
-
-    server = RedisServer(args.redis_server)
-    atexit.register(server.cleanup)
     pool: Pool | None = None
     t_start = time.monotonic()
     nonce = secrets.token_hex(3)
-    try:
-        server.start()
-        admin = redis.Redis(host="127.0.0.1", port=server.port)
-        meta = environment(server)
-        print("tiercache stampede benchmark")
-        for k, v in meta.items():
-            print(f"  {k + ':':<14} {v}")
-        print(
-            f"  {'method:':<14} {'--quick' if quick else 'full'} run; stampede: {callers:,} callers, 1 process and "
-            f"{args.procs} x {callers // args.procs:,}, up to {trials} trials per row (median; a new key each); "
-            f"function {args.fn_ms:g} ms; TTL {TTL} s for every library"
-        )
-        print(f"  {'pools:':<14} {POOL_NOTE}")
-        print(
-            f"  {'machine:':<14} {os.cpu_count()} CPUs (a small shared VM is noisy: read medians, and compare rows "
-            f"of one run; {args.procs} processes share {os.cpu_count()} cores)"
-        )
-        load1 = meta["loadavg"][0] if meta["loadavg"] else 0.0
-        if load1 > (os.cpu_count() or 1) / 2:
-            print(f"  WARNING: load average {load1:.1f} on {os.cpu_count()} CPUs: other work is running, expect noise")
-        _progress("[workers] starting", t_start)
-        pool = Pool(max(args.procs, 1))
-        stampede_rows: list[StampedeRow] = []
-        zipf_rows: list[ZipfRow] = []
-        zparams: dict[str, Any] = {}
-        if "stampede" in parts:
-            for procs in (1, args.procs) if args.procs > 1 else (1,):
-                for config in configs:
-                    _progress(f"[stampede] {config.label}, {procs} process(es)", t_start)
+    with harness.redis_server(args.redis_server) as server:
+        try:
+            admin = server.client()
+            meta = harness.environment(server)
+            harness.header(
+                "tiercache stampede benchmark",
+                meta,
+                method=(
+                    f"{'--quick' if quick else 'full'} run; stampede: {callers:,} callers, 1 process and "
+                    f"{args.procs} x {callers // args.procs:,}, up to {trials} trials per row (median; a new key "
+                    f"each); function {args.fn_ms:g} ms; TTL {TTL} s for every library"
+                ),
+                pools=POOL_NOTE,
+            )
+            _progress("[workers] starting", t_start)
+            pool = Pool(max(args.procs, 1))
+            stampede_rows: list[StampedeRow] = []
+            zipf_rows: list[ZipfRow] = []
+            zparams: dict[str, Any] = {}
+            if "stampede" in parts:
+                for procs in (1, args.procs) if args.procs > 1 else (1,):
+                    for config in configs:
+                        _progress(f"[stampede] {config.label}, {procs} process(es)", t_start)
+                        try:
+                            row = run_stampede_row(
+                                pool, server, admin, config, procs, callers, trials, budget, args.fn_ms, nonce
+                            )
+                        except WorkerError as exc:
+                            row = StampedeRow(config, procs, callers // procs, skipped=f"FAILED: {str(exc)[-600:]}")
+                            pool.restart()
+                        stampede_rows.append(row)
+            if "zipf" in parts:
+                trace = zipf_trace(z_requests, z_keys, args.zipf_s, args.seed)
+                zparams = {
+                    "requests": z_requests,
+                    "keys": z_keys,
+                    "s": args.zipf_s,
+                    "seed": args.seed,
+                    "distinct": len(set(trace)),
+                    "callers": z_callers,
+                    "fn_ms": args.fn_ms,
+                }
+                for config in zipf_configs:
+                    _progress(f"[zipf] {config.label}", t_start)
                     try:
-                        row = run_stampede_row(
-                            pool, server, admin, config, procs, callers, trials, budget, args.fn_ms, nonce
-                        )
+                        zipf_rows.append(run_zipf_row(pool, server, admin, config, trace, z_callers, args.fn_ms))
                     except WorkerError as exc:
-                        row = StampedeRow(config, procs, callers // procs, skipped=f"FAILED: {str(exc)[-600:]}")
+                        zipf_rows.append(ZipfRow(config, skipped=f"FAILED: {str(exc)[-600:]}"))
                         pool.restart()
-                    stampede_rows.append(row)
-        if "zipf" in parts:
-            trace = zipf_trace(z_requests, z_keys, args.zipf_s, args.seed)
-            zparams = {
-                "requests": z_requests,
-                "keys": z_keys,
-                "s": args.zipf_s,
-                "seed": args.seed,
-                "distinct": len(set(trace)),
-                "callers": z_callers,
-                "fn_ms": args.fn_ms,
-            }
-            for config in zipf_configs:
-                _progress(f"[zipf] {config.label}", t_start)
-                try:
-                    zipf_rows.append(run_zipf_row(pool, server, admin, config, trace, z_callers, args.fn_ms))
-                except WorkerError as exc:
-                    zipf_rows.append(ZipfRow(config, skipped=f"FAILED: {str(exc)[-600:]}"))
-                    pool.restart()
-        verdicts: list[dict[str, Any]] = []
-        if stampede_rows:
-            verdicts += report_stampede(stampede_rows, args.fn_ms)
-        if zipf_rows:
-            verdicts += report_zipf(zipf_rows, zparams)
-        elapsed = time.monotonic() - t_start
-        load = _loadavg()
-        print(f"\nwall time {elapsed:.0f} s; load average at start {meta['loadavg']}, at end {load}")
-        if args.json:
-            doc = {
-                "meta": {**meta, "quick": quick, "wall_s": elapsed, "loadavg_end": load},
-                "stampede": [
-                    {
-                        "case": r.config.key,
-                        "label": r.config.label,
-                        "procs": r.procs,
-                        "callers_per_process": r.per_worker,
-                        "skipped": r.skipped or None,
-                        "calls": r.calls(),
-                        "wall_ms": r.walls(),
-                        "got_value_ms": r.got_value(),
-                        "fn_start_ms": r.fn_times()[0],
-                        "fn_end_ms": r.fn_times()[1],
-                        "caller_p50_ms": r.caller_p50s(),
-                        "redis_commands": r.commands,
-                        "tiercache_stats": r.stats,
-                    }
-                    for r in stampede_rows
-                ],
-                "zipf": {
-                    "params": zparams,
-                    "rows": [
-                        {"case": r.config.key, "label": r.config.label, "skipped": r.skipped or None, **r.result}
-                        | {"redis_commands": r.commands, "tiercache_stats": r.stats}
-                        for r in zipf_rows
-                    ],
-                },
-                "targets": verdicts,
-            }
-            Path(args.json).write_text(json.dumps(doc, indent=2, default=str) + "\n")
-            print(f"wrote {args.json}")
-    finally:
-        if pool is not None:
-            pool.stop()
-        server.cleanup()
+            verdicts: list[dict[str, Any]] = []
+            if stampede_rows:
+                verdicts += report_stampede(stampede_rows, args.fn_ms)
+            if zipf_rows:
+                verdicts += report_zipf(zipf_rows, zparams)
+            meta.update(quick=quick, **harness.footer(meta, t_start))
+            if args.json:
+                harness.write_json(args.json, json_doc(meta, stampede_rows, zipf_rows, zparams, verdicts))
+        finally:
+            if pool is not None:
+                pool.stop()
     return 0
 
 
