@@ -170,7 +170,7 @@ class MsgpackSerializer:
             self._learn(t)
             return msgpack.ExtType(16, self.dumps([_class_name(t), list(obj)]))
         for base in (dict, list, tuple, set, frozenset, str, bytes, bytearray, float, int, complex):
-            if isinstance(obj, base):
+            if isinstance(obj, base) and t is not base:
                 raise TypeError(
                     f"{_class_name(t)} is a subclass of {base.__name__}, which would come back from Redis "
                     f"as a plain {base.__name__}: return a plain {base.__name__} (or a namedtuple, dataclass "

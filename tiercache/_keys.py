@@ -20,6 +20,7 @@ import struct
 import threading
 import uuid
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -267,7 +268,8 @@ def _encode_other(obj: Any, out: bytearray, depth: int) -> None:
         out += b"%d:" % len(dc_fields)
         for f in dc_fields:
             _encode(f.name, out, depth)
-            _nested(getattr(obj, f.name), out, depth, f".{f.name}")
+            # The stored value, never through a __getattribute__ or property that masks it.
+            _nested(object.__getattribute__(obj, f.name), out, depth, f".{f.name}")
     elif hasattr(t, "model_dump") and hasattr(t, "model_fields"):  # pydantic v2
         # Every field by its value (model_dump() would drop Field(exclude=True) fields and
         # apply custom serializers), and the extra fields; not private attributes. Tag "Q":
@@ -314,6 +316,9 @@ def _encode_builtin_value(obj: Any, t: type, out: bytearray, depth: int) -> None
         _encode(tuple.__getitem__(obj, _WHOLE), out, depth + 1)
     elif issubclass(t, list):
         _encode(list.__getitem__(obj, _WHOLE), out, depth + 1)
+    elif issubclass(t, OrderedDict):
+        # Order is part of an OrderedDict's equality: its pairs in order, not a sorted mapping.
+        _encode(list(dict.items(obj)), out, depth + 1)
     elif issubclass(t, dict):
         _encode_mapping(dict.items(obj), out, depth + 1, b"{")
     elif issubclass(t, frozenset):

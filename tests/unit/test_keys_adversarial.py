@@ -584,3 +584,25 @@ def test_unencodable_values_of_every_container_name_their_path() -> None:
         assert where in str(info.value), str(info.value)
     with pytest.raises(KeyEncodingError, match=r"request\[0\]\['a'\]"):
         json_key([{"a": object()}])
+
+
+def test_dataclass_fields_are_keyed_by_their_stored_values_not_a_masking_getattribute() -> None:
+    @dataclasses.dataclass
+    class Login:
+        user: str
+        password: str
+
+        def __getattribute__(self, name: str) -> Any:
+            if name == "password":
+                return "***"  # masked for logs
+            return object.__getattribute__(self, name)
+
+    assert canonical_bytes(Login("alice", "hunter2")) != canonical_bytes(Login("alice", "letmein"))
+
+
+def test_ordered_dicts_in_different_orders_key_apart() -> None:
+    # OrderedDict equality depends on order, so its key must too.
+    a, b = collections.OrderedDict(a=1, b=2), collections.OrderedDict(b=2, a=1)
+    assert a != b
+    assert canonical_bytes(a) != canonical_bytes(b)
+    assert canonical_bytes(a) == canonical_bytes(collections.OrderedDict(a=1, b=2))
