@@ -519,7 +519,7 @@ def _fmt_delta(ns: float, section: str) -> str:
     return f"{ns:+,.0f} ns" if section == "l1" else f"{ns / 1000:+,.1f} µs"
 
 
-def report(cases: list[Case]) -> list[dict[str, Any]]:
+def report(cases: list[Case]) -> None:
     by_key = {c.key: c for c in cases}
     group = None
     header = f"  {'case':<46} {'median':>11} {'spread':>13} {'over floor':>12}  {'ratio to baseline [min-max]':<30}"
@@ -545,18 +545,21 @@ def report(cases: list[Case]) -> list[dict[str, Any]]:
         if c.note:
             print(f"  {'':<46}   ({c.note})")
 
+
+def check_targets(cases: list[Case]) -> list[dict[str, Any]]:
+    by_key = {c.key: c for c in cases}
     print("\nTargets")
     verdicts: list[dict[str, Any]] = []
     for t in TARGETS:
-        c = by_key.get(t.case)
-        if c is None or not c.samples:
+        case = by_key.get(t.case)
+        if case is None or not case.samples:
             continue
         if t.absolute:
-            value = c.median
+            value = case.median
             met = value < t.limit
             shown = f"{value:,.0f} ns"
         else:
-            rs = ratios(c, by_key, against=t.against)
+            rs = ratios(case, by_key, against=t.against)
             if not rs:
                 continue
             value = rs.median
@@ -628,7 +631,8 @@ def main(argv: list[str] | None = None) -> int:
                 measure(section_cases, repeats, quick_ms if args.quick else full_ms, args.parts, start_n)
                 problems += env.run_checks()
                 cases += section_cases
-            verdicts = report(cases)
+            report(cases)
+            verdicts = check_targets(cases)
             for problem in problems:
                 print(f"  CHECK FAILED: {problem}")
             end = harness.footer(meta, t_start)

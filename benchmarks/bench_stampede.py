@@ -854,7 +854,7 @@ def report_zipf(rows: list[ZipfRow], params: dict[str, Any]) -> list[dict[str, A
         if r.stats:
             print(f"  tiercache counters, {r.config.label}: " + ", ".join(f"{k}={v:,}" for k, v in r.stats.items()))
 
-    verdicts = []
+    verdicts: list[dict[str, Any]] = []
     done = [r for r in rows if r.result]
     peers = [r for r in done if r.config.lib != "tiercache"]
     print("\nTargets (Zipf)")
