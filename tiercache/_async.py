@@ -11,16 +11,19 @@ import asyncio
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 import redis.asyncio
 from redis.exceptions import NoScriptError
 
 from ._flight import Flight
-from ._flow import CALL, CallWith, Flow, Spawn, Wait
 from ._remote import PoolBusy, RedisOp, RemoteFailure, UnreadableReply
+from ._steps import CallWith, Flow, Reply, Spawn, Wait
+from ._types import CALL
 from .errors import ConfigError
+
+R = TypeVar("R")
 
 __all__ = ["AsyncRedis", "drive"]
 
@@ -422,15 +425,16 @@ def _resolve(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-async def drive(flow: Flow, remote: AsyncRedis | None, call: Callable[..., Awaitable[Any]] | None) -> Any:
+async def drive(flow: Flow[R], remote: AsyncRedis | None, call: Callable[..., Awaitable[Any]] | None) -> R:
     """Run ``flow`` to its end, awaiting each step it yields, and return what it returns."""
-    reply: Any = None
+    reply: Reply = None
     error: BaseException | None = None
     while True:
         try:
             step = flow.throw(error) if error is not None else flow.send(reply)
         except StopIteration as stop:
-            return stop.value
+            result: R = stop.value
+            return result
         error = reply = None
         try:
             if step is CALL:

@@ -16,11 +16,12 @@ import inspect
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, ParamSpec, TypeVar
 
-from . import _async, _sync
+from . import _async, _batchread, _scope, _sync, _write
 from ._cache import TieredCache, _positive
 from ._coherence import WriteResult
-from ._flow import CallWith, Flow, Policy
 from ._keys import callable_name, canonical_bytes, claim_prefix, digest, function_prefix, scoped_key
+from ._policy import Policy
+from ._steps import CallWith, Flow
 from .errors import BackendError, ConfigError
 
 __all__ = ["BatchFunction", "tiered_batch"]
@@ -92,20 +93,20 @@ class BatchFunction(Generic[P, T]):
 
         return keys, list(distinct), list(distinct.values()), call
 
-    def _scoped_keys(self, distinct: list[str]) -> Flow:
+    def _scoped_keys(self, distinct: list[str]) -> Flow[list[str] | None]:
         """The keys in the current tenant's scope (if any); None when its version cannot be read."""
         tenant, names = self._cache._tenant_scope()
         if not names:
             return distinct
-        versions = yield from self._core.versions(names)
+        versions = yield from _scope.versions(self._core, names)
         return None if versions is None else [scoped_key(k, tenant, versions) for k in distinct]
 
-    def _flow(self, distinct: list[str], items: list[Any]) -> Flow:
+    def _flow(self, distinct: list[str], items: list[Any]) -> Flow[dict[str, Any]]:
         scoped = yield from self._scoped_keys(distinct)
         if scoped is None:  # the tenant's scope cannot be read: compute, cache nothing
-            values = yield CallWith(items)
+            values: Any = yield CallWith(items)
             return dict(zip(distinct, values, strict=True))
-        found = yield from self._core.read_batch(scoped, items, self._policy, self._policy.name)
+        found = yield from _batchread.read_batch(self._core, scoped, items, self._policy, self._policy.name)
         return {k: found[s] for k, s in zip(distinct, scoped, strict=True)}
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> T:
@@ -140,9 +141,9 @@ class BatchFunction(Generic[P, T]):
         result: WriteResult = _sync.drive(flow, self._cache._sync, None)
         return result
 
-    def _invalidate_flow(self, distinct: list[str]) -> Flow:
+    def _invalidate_flow(self, distinct: list[str]) -> Flow[WriteResult]:
         keys = yield from self._scoped_keys(distinct)
-        return (yield from self._core.delete(keys or [], None))
+        return (yield from _write.delete(self._core, keys or [], None))
 
     def __repr__(self) -> str:
         return f"<tiered_batch {self._policy.name}>"

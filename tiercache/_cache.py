@@ -22,13 +22,14 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from . import _async, _sync
+from . import _async, _read, _scope, _sync, _write
 from ._codec import Codec, MsgpackSerializer
 from ._coherence import WriteResult
-from ._flow import Core, Flow
+from ._core import Core
 from ._keys import FORMAT_VERSION, validate_namespace, version_key
 from ._local import LocalCache
 from ._metrics import CacheStats
+from ._steps import Flow
 from ._types import MISSING, Serializer
 from .errors import ConfigError, KeyEncodingError
 
@@ -214,7 +215,8 @@ class TieredCache:
     @property
     def serializer(self) -> Serializer:
         """The serializer in use (``cache.serializer.register(MyDataclass)`` where supported)."""
-        return self._core.codec.serializer  # type: ignore[no-any-return]
+        serializer: Serializer = self._core.codec.serializer
+        return serializer
 
     def key(self, key: str) -> str:
         """The Redis key that ``get``/``set``/``delete`` use for the user key ``key``."""
@@ -267,11 +269,11 @@ class TieredCache:
         """
         _positive("ttl", ttl, optional=True)
         flow = self._set_flow(key, value, ttl, l1_ttl, self._wait(wait, timeout))
-        return _sync.drive(flow, self._sync, None)  # type: ignore[no-any-return]
+        return _sync.drive(flow, self._sync, None)
 
     def delete(self, *keys: str, wait: bool = False, timeout: float | None = None) -> WriteResult:
         """Remove ``keys`` from Redis and L1, and from every other process's L1 (see ``set`` for ``wait``)."""
-        return _sync.drive(self._delete_flow(keys, self._wait(wait, timeout)), self._sync, None)  # type: ignore[no-any-return]
+        return _sync.drive(self._delete_flow(keys, self._wait(wait, timeout)), self._sync, None)
 
     def invalidate_tags(self, *tags: str, wait: bool = False, timeout: float | None = None) -> WriteResult:
         """Invalidate every entry of every function decorated with any of ``tags``, in every
@@ -282,21 +284,21 @@ class TieredCache:
             ``@tiered(cache, tags=lambda user_id: [f"user:{user_id}"])`` on every function
             about a user; ``cache.invalidate_tags("user:42")`` after user 42 changed.
         """
-        flow = self._core.bump(self._version_keys("tag", tags), self._wait(wait, timeout))
-        return _sync.drive(flow, self._sync, None)  # type: ignore[no-any-return]
+        flow = _scope.bump(self._core, self._version_keys("tag", tags), self._wait(wait, timeout))
+        return _sync.drive(flow, self._sync, None)
 
     def clear(self, wait: bool = False, timeout: float | None = None) -> WriteResult:
         """Drop every entry of this namespace (decorated functions, ``cache.set`` keys, every
         tenant), in Redis and in every process's L1, in O(1): the namespace moves to a new
         generation, so every key changes, and the old entries expire by their TTL. See
         ``set`` for ``wait``. (A ``coherent=False`` process learns of it when it restarts.)"""
-        return _sync.drive(self._core.clear(self._wait(wait, timeout)), self._sync, None)  # type: ignore[no-any-return]
+        return _sync.drive(_scope.clear(self._core, self._wait(wait, timeout)), self._sync, None)
 
     def invalidate_tenant(self, tenant: str, wait: bool = False, timeout: float | None = None) -> WriteResult:
         """Invalidate every entry of ``tenant`` (decorated calls and ``cache.get/set`` keys made
         in its scope), in every process, in O(1)."""
-        flow = self._core.bump(self._version_keys("tenant", (tenant,)), self._wait(wait, timeout))
-        return _sync.drive(flow, self._sync, None)  # type: ignore[no-any-return]
+        flow = _scope.bump(self._core, self._version_keys("tenant", (tenant,)), self._wait(wait, timeout))
+        return _sync.drive(flow, self._sync, None)
 
     @contextlib.contextmanager
     def tenant(self, tenant: str) -> Iterator[None]:
@@ -328,28 +330,37 @@ class TieredCache:
     def _version_keys(self, kind: str, names: tuple[str, ...]) -> list[str]:
         return [version_key(self.namespace, kind, n) for n in names]
 
-    def _get_flow(self, key: str) -> Flow:
+    def _get_flow(self, key: str) -> Flow[Any]:
         base, tenant, names = self._user(key)
+        core = self._core
         if not names:
-            return self._core.get(base)
-        return self._core.in_scope(base, tenant, names, self._core.get, MISSING)
+            return _read.get(core, base)
+        return _scope.in_scope(core, base, tenant, names, lambda k: _read.get(core, k), MISSING)
 
-    def _set_flow(self, key: str, value: Any, ttl: float | None, l1_ttl: float | None, wait: float | None) -> Flow:
+    def _set_flow(
+        self, key: str, value: Any, ttl: float | None, l1_ttl: float | None, wait: float | None
+    ) -> Flow[WriteResult]:
         base, tenant, names = self._user(key)
+        core = self._core
         if not names:
-            return self._core.set(base, value, ttl, l1_ttl, wait)
-        return self._core.in_scope(
-            base, tenant, names, lambda k: self._core.set(k, value, ttl, l1_ttl, wait), WriteResult(None, None, None)
+            return _write.store(core, base, value, ttl, l1_ttl, wait)
+        return _scope.in_scope(
+            core,
+            base,
+            tenant,
+            names,
+            lambda k: _write.store(core, k, value, ttl, l1_ttl, wait),
+            WriteResult(None, None, None),
         )
 
-    def _delete_flow(self, keys: tuple[str, ...], wait: float | None) -> Flow:
+    def _delete_flow(self, keys: tuple[str, ...], wait: float | None) -> Flow[WriteResult]:
         resolved = []
         for key in keys:
             base, tenant, names = self._user(key)
-            scoped = yield from self._core.scope_key(base, tenant, names)
+            scoped = yield from _scope.scope_key(self._core, base, tenant, names)
             if scoped is not None:
                 resolved.append(scoped)
-        return (yield from self._core.delete(resolved, wait))
+        return (yield from _write.delete(self._core, resolved, wait))
 
     def invalidate(self, *redis_keys: str, wait: bool = False, timeout: float | None = None) -> WriteResult:
         """Remove entries by their Redis keys (``f.key(...)`` of a decorated function) from Redis
@@ -359,8 +370,8 @@ class TieredCache:
             ``cache.invalidate(get_user.key(42), wait=True)`` returns once every process has
             dropped its copy of ``get_user(42)``.
         """
-        flow = self._core.delete(self._own(redis_keys), self._wait(wait, timeout))
-        return _sync.drive(flow, self._sync, None)  # type: ignore[no-any-return]
+        flow = _write.delete(self._core, self._own(redis_keys), self._wait(wait, timeout))
+        return _sync.drive(flow, self._sync, None)
 
     def stats(self) -> CacheStats:
         """Counters and sizes of this cache in this process."""
@@ -464,35 +475,35 @@ class AsyncCacheView:
         _positive("ttl", ttl, optional=True)
         c = self._cache
         flow = c._set_flow(key, value, ttl, l1_ttl, c._wait(wait, timeout))
-        return await _async.drive(flow, c._async, None)  # type: ignore[no-any-return]
+        return await _async.drive(flow, c._async, None)
 
     async def delete(self, *keys: str, wait: bool = False, timeout: float | None = None) -> WriteResult:
         """Remove ``keys`` from Redis and L1, and from every other process's L1."""
         c = self._cache
-        return await _async.drive(c._delete_flow(keys, c._wait(wait, timeout)), c._async, None)  # type: ignore[no-any-return]
+        return await _async.drive(c._delete_flow(keys, c._wait(wait, timeout)), c._async, None)
 
     async def invalidate_tags(self, *tags: str, wait: bool = False, timeout: float | None = None) -> WriteResult:
         """``cache.invalidate_tags`` without blocking the event loop."""
         c = self._cache
-        flow = c._core.bump(c._version_keys("tag", tags), c._wait(wait, timeout))
-        return await _async.drive(flow, c._async, None)  # type: ignore[no-any-return]
+        flow = _scope.bump(c._core, c._version_keys("tag", tags), c._wait(wait, timeout))
+        return await _async.drive(flow, c._async, None)
 
     async def clear(self, wait: bool = False, timeout: float | None = None) -> WriteResult:
         """``cache.clear`` without blocking the event loop."""
         c = self._cache
-        return await _async.drive(c._core.clear(c._wait(wait, timeout)), c._async, None)  # type: ignore[no-any-return]
+        return await _async.drive(_scope.clear(c._core, c._wait(wait, timeout)), c._async, None)
 
     async def invalidate_tenant(self, tenant: str, wait: bool = False, timeout: float | None = None) -> WriteResult:
         """``cache.invalidate_tenant`` without blocking the event loop."""
         c = self._cache
-        flow = c._core.bump(c._version_keys("tenant", (tenant,)), c._wait(wait, timeout))
-        return await _async.drive(flow, c._async, None)  # type: ignore[no-any-return]
+        flow = _scope.bump(c._core, c._version_keys("tenant", (tenant,)), c._wait(wait, timeout))
+        return await _async.drive(flow, c._async, None)
 
     async def invalidate(self, *redis_keys: str, wait: bool = False, timeout: float | None = None) -> WriteResult:
         """Remove entries by their Redis keys from Redis and from the L1 of every process."""
         c = self._cache
-        flow = c._core.delete(c._own(redis_keys), c._wait(wait, timeout))
-        return await _async.drive(flow, c._async, None)  # type: ignore[no-any-return]
+        flow = _write.delete(c._core, c._own(redis_keys), c._wait(wait, timeout))
+        return await _async.drive(flow, c._async, None)
 
     async def ready(self, timeout: float = 5.0) -> bool:
         """``cache.ready()`` without blocking the event loop."""

@@ -16,10 +16,9 @@ import typing
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, overload
 
-from . import _async, _sync
+from . import _async, _read, _scope, _sync, _write
 from ._cache import TieredCache, _positive
 from ._coherence import WriteResult
-from ._flow import CALL, Flow, Policy
 from ._keys import (
     KeyMaker,
     KeySpace,
@@ -32,6 +31,9 @@ from ._keys import (
     scoped_key,
     version_key,
 )
+from ._policy import Policy
+from ._steps import Flow
+from ._types import CALL
 from .errors import BackendError, ConfigError
 
 __all__ = ["AsyncTieredFunction", "TieredFunction", "tiered"]
@@ -146,35 +148,35 @@ class _Tiered:
             if self._core.strict:
                 raise BackendError("the tag or tenant versions of this call cannot be read from Redis")
             tenant, names = self._scope.resolve(args, kwargs)
-            key = scoped_key(self._keyfn(args, kwargs), tenant, self._core.known_versions(names))
+            key = scoped_key(self._keyfn(args, kwargs), tenant, _scope.known_versions(self._core, names))
         return key
 
-    def _scoped(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Flow:
+    def _scoped(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Flow[str | None]:
         """The call's key in its scope now (None: its versions cannot be read)."""
         base = self._keyfn(args, kwargs)
         if self._scope is None:
             return base
         tenant, names = self._scope.resolve(args, kwargs)
-        return (yield from self._core.scope_key(base, tenant, names))
+        return (yield from _scope.scope_key(self._core, base, tenant, names))
 
-    def _invalidate_flow(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Flow:
+    def _invalidate_flow(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Flow[WriteResult]:
         key = yield from self._scoped(args, kwargs)
         if key is None:
             return WriteResult(None, None, None)
-        return (yield from self._core.delete([key], None))
+        return (yield from _write.delete(self._core, [key], None))
 
-    def _refresh_flow(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Flow:
+    def _refresh_flow(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Flow[Any]:
         key = yield from self._scoped(args, kwargs)
         if key is None:
             return (yield CALL)
-        return (yield from self._core.refresh(key, self._policy))
+        return (yield from _write.refresh(self._core, key, self._policy))
 
-    def _miss_flow(self, need: _NeedLoad) -> Flow:
+    def _miss_flow(self, need: _NeedLoad) -> Flow[Any]:
         if self._hints_pending:
             self._register_return_types()
         if need.scope is None:
-            return self._core.read_through(need.key, self._policy, True)
-        return self._core.scoped_read(need.key, *need.scope, self._policy)
+            return _read.read_through(self._core, need.key, self._policy, True)
+        return _scope.scoped_read(self._core, need.key, *need.scope, self._policy)
 
     def _register_return_types(self) -> None:
         # Lets the default serializer decode the dataclasses/pydantic models/enums this
@@ -425,7 +427,7 @@ def _scoped_hit_path(t: _Tiered, scope: _Scope) -> Callable[[tuple[Any, ...], di
     path, which reads them from Redis), then the scoped key's entry."""
     keyfn = t._keyfn
     resolve = scope.resolve
-    cached_versions = t._core.cached_versions
+    cached_versions = functools.partial(_scope.cached_versions, t._core)
     local = t._core.local
     data_get = local._data.get
     move_to_end = local._data.move_to_end

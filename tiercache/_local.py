@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ._types import MISSING
@@ -72,6 +72,21 @@ class LocalCache:
         if entry[4] <= self._clock():
             self._remove_if(key, entry)
         return MISSING
+
+    def fresh_values(self, keys: Sequence[str]) -> list[Any] | None:
+        """The fresh values of all ``keys`` (each marked recently used: in use, the LRU must
+        not evict it before the entries that depend on it), or None if any is not fresh."""
+        data, now, out = self._data, self._clock(), []
+        for key in keys:
+            entry = data.get(key)
+            if entry is None or entry[1] <= now:
+                return None
+            try:
+                data.move_to_end(key)
+            except KeyError:  # removed by another thread since the get: still fresh
+                pass
+            out.append(entry[0])
+        return out
 
     def entry(self, key: str) -> Entry | None:
         """The raw entry under ``key``, fresh or not (see the layout in ``__init__``)."""

@@ -13,6 +13,8 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ._types import FAILED
+
 __all__ = [
     "FAILED",
     "Breaker",
@@ -97,16 +99,6 @@ class PoolBusy(RemoteFailure):
     """No connection of this process's pool was free in time: local saturation, which says
     nothing about Redis, so it fails the call open without counting against the breaker."""
 
-
-class _Failed:
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "FAILED"
-
-
-#: What a remote step returns to the flow when Redis failed (and strict mode is off).
-FAILED: Any = _Failed()
 
 #: First bytes of a lease marker: the envelope magic with format version 0, never a value.
 LEASE_PREFIX = b"\xc7\x00"

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 from redis.backoff import NoBackoff
@@ -26,11 +26,13 @@ from redis.retry import Retry
 
 from ._coherence import Bus
 from ._flight import ELSEWHERE, Flight
-from ._flow import CALL, CallWith, Flow, Spawn, Wait
 from ._keys import _generation_number
 from ._metrics import RateLimitedLog
 from ._remote import RedisOp, RemoteFailure, UnreadableReply, ack, probe_publish, sync_generation
-from ._types import RNG
+from ._steps import CallWith, Flow, Reply, Spawn, Wait
+from ._types import CALL, RNG
+
+R = TypeVar("R")
 
 __all__ = ["Subscriber", "SyncRedis", "drive"]
 
@@ -132,7 +134,7 @@ def spawn(step: Spawn, remote: SyncRedis | None, call: Callable[[], Any] | None)
     _workers.submit(context.run, _drive_quietly, step.flow, remote, call)
 
 
-def _drive_quietly(flow: Flow, remote: SyncRedis | None, call: Callable[[], Any] | None) -> None:
+def _drive_quietly(flow: Flow[Any], remote: SyncRedis | None, call: Callable[[], Any] | None) -> None:
     try:
         drive(flow, remote, call)
     except Exception:  # noqa: BLE001, S110 - the flow handed its outcome to its flight already
@@ -147,15 +149,16 @@ def _forget_workers() -> None:
 os.register_at_fork(after_in_child=_forget_workers)
 
 
-def drive(flow: Flow, remote: SyncRedis | None, call: Callable[..., Any] | None) -> Any:
+def drive(flow: Flow[R], remote: SyncRedis | None, call: Callable[..., Any] | None) -> R:
     """Run ``flow`` to its end, doing each step it yields, and return what it returns."""
-    reply: Any = None
+    reply: Reply = None
     error: BaseException | None = None
     while True:
         try:
             step = flow.throw(error) if error is not None else flow.send(reply)
         except StopIteration as stop:
-            return stop.value
+            result: R = stop.value
+            return result
         error = reply = None
         try:
             if step is CALL:

@@ -480,7 +480,7 @@ def test_refresh_after_one_background_refresh_for_many_callers(
     gate.open()
     eventually(mode, lambda: cache._core.local.get(key) == "v2", "the refresh to land in L1")
     assert stored(cache, raw, key) == "v2"
-    eventually(mode, lambda: not cache._core._refreshing, "the refresh to end")
+    eventually(mode, lambda: not cache._core.refreshing, "the refresh to end")
     assert mode.call(f, 1) == "v2"
     assert loader.calls == 2
     assert cache.stats().refreshes_ahead == 1
@@ -505,7 +505,7 @@ def test_refresh_ahead_runs_in_one_cache_of_two(
     assert mode.call(f1, 1) == "v1"
     eventually(mode, lambda: loaders[0].calls == 2, "the first cache's refresh to start")
     assert mode.call(f2, 1) == "v1"
-    eventually(mode, lambda: not second._core._refreshing, "the second cache's refresh attempt to end")
+    eventually(mode, lambda: not second._core.refreshing, "the second cache's refresh attempt to end")
     assert loaders[1].calls == 0
     gate.open()
     eventually(mode, lambda: stored(first, raw, key) == "v2", "the refresh to land in Redis")

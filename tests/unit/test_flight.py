@@ -12,7 +12,7 @@ from typing import Any
 import fakeredis
 import pytest
 
-from tiercache import MISSING, TieredCache, tiered
+from tiercache import MISSING, TieredCache, _read, tiered
 from tiercache._flight import Flight, FlightTable
 
 N = 8
@@ -408,7 +408,7 @@ def test_l1_copy_never_outlives_redis_copy(cache: TieredCache, pttl_ms: int) -> 
     no longer than that."""
     key = cache.key("edge")
     data = cache._core.codec.encode(key, "v")
-    flow = cache._core.read_through(key, cache._core.default_policy, False)
+    flow = _read.read_through(cache._core, key, cache._core.default_policy, False)
     op = next(flow)  # the read of the key; answer it as Redis would
     assert key in op.args
     with pytest.raises(StopIteration) as stop:
@@ -421,7 +421,7 @@ def test_l1_copy_never_outlives_redis_copy(cache: TieredCache, pttl_ms: int) -> 
 def test_l1_ttl_when_redis_key_has_no_expiry(cache: TieredCache) -> None:
     key = cache.key("forever")
     data = cache._core.codec.encode(key, "v")
-    flow = cache._core.read_through(key, cache._core.default_policy, False)
+    flow = _read.read_through(cache._core, key, cache._core.default_policy, False)
     next(flow)
     with pytest.raises(StopIteration):
         flow.send((data, -1))

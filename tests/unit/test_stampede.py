@@ -16,7 +16,7 @@ from typing import Any
 import fakeredis
 import pytest
 
-import tiercache._flow
+import tiercache._policy
 from tests.stampede_support import WAIT, AsyncOnly, Boom, Clock, Gate, Joined, Mark, crowd, eventually
 from tiercache import ConfigError, LoadTimeoutError, TieredCache, tiered
 from tiercache._async import AsyncRedis
@@ -420,7 +420,7 @@ def test_refresh_after_starts_one_background_refresh(mode: Any, l1: TieredCache,
     assert l1.stats().refreshes_ahead == 1
     gate.open()
     eventually(mode, lambda: l1._core.local.get(key) == "v2", "the refresh to land")
-    eventually(mode, lambda: not l1._core._refreshing, "the refresh to end")
+    eventually(mode, lambda: not l1._core.refreshing, "the refresh to end")
     assert mode.call(f, 1) == "v2"
     assert loader.calls == 2
     stats = l1.stats()
@@ -441,7 +441,7 @@ def test_refresh_after_expired_entry_is_an_ordinary_miss(mode: Any, l1: TieredCa
 
 
 class Draw:
-    """Stands in for ``RNG`` in tiercache._flow: XFetch's ``-ln(U)`` is then exactly 1."""
+    """Stands in for ``RNG`` in tiercache._policy: XFetch's ``-ln(U)`` is then exactly 1."""
 
     @staticmethod
     def random() -> float:
@@ -454,7 +454,7 @@ def test_xfetch_refreshes_about_beta_load_times_before_expiry(
     """XFetch: an entry whose function took ``delta`` seconds becomes due ``delta * beta *
     -ln(U)`` before it expires (here -ln(U) = 1, delta = 2 s on the injected clock, beta = 3:
     6 s early); then a call answers the current value and starts one background refresh."""
-    monkeypatch.setattr(tiercache._flow, "RNG", Draw)
+    monkeypatch.setattr(tiercache._policy, "RNG", Draw)
     first = threading.Event()
 
     def took_two_seconds(value: Any) -> Any:
@@ -498,7 +498,7 @@ def test_xfetch_without_measured_load_time_refreshes_only_at_expiry(
     """A process that never called the function (its copy came from Redis) has no ``delta``,
     so its copy is not refreshed ahead; the process that loaded it (delta = 0.01 s, beta = 1000:
     10 s early) refreshes it."""
-    monkeypatch.setattr(tiercache._flow, "RNG", Draw)
+    monkeypatch.setattr(tiercache._policy, "RNG", Draw)
     server = fakeredis.FakeServer()
     caches = [
         TieredCache(
@@ -535,7 +535,7 @@ def test_xfetch_without_measured_load_time_refreshes_only_at_expiry(
         assert caches[1].stats().refreshes_ahead == 0
         assert mode.call(writer, 1) == "v"
         assert caches[0].stats().refreshes_ahead == 1
-        eventually(mode, lambda: not caches[0]._core._refreshing, "the writer's refresh to end")
+        eventually(mode, lambda: not caches[0]._core.refreshing, "the writer's refresh to end")
     finally:
         for c in caches:
             if mode.is_async:
