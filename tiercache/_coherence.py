@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ._flight import FlightTable
+from ._keys import FORMAT_VERSION, _generation_number
 from ._metrics import RateLimitedLog
 
 __all__ = ["Bus", "WriteResult"]
@@ -67,6 +68,8 @@ class Bus:
         generation: Callable[[], str] = lambda: "",
     ) -> None:
         self._on_generation = on_generation
+        #: The root of the namespace's generation-scoped keys, ``tc:{ns}:v1:``.
+        self._root = channel.rsplit(":inval:", 1)[0] + f":{FORMAT_VERSION}:"
         #: This process's generation of the namespace ("" before any clear).
         self.generation = generation
         #: Set when the sequence broke: the subscriber thread then checks that Redis's
@@ -133,6 +136,8 @@ class Bus:
             seq, origin, msg_keys, ack_key, generation = msg
             if generation is not None:
                 self._on_generation(generation, True)  # the namespace was cleared: new keys, L1 flushed
+            elif msg_keys and origin != self.node_id:
+                self._check_writer_generation(msg_keys[0])
             if self.last_seq is None:
                 pass  # not subscribed (a test may feed messages directly)
             elif not self._past_base and seq <= self._base:
@@ -159,6 +164,24 @@ class Bus:
         if filled:
             self._flights.announced(filled)
         return acks
+
+    def _check_writer_generation(self, key: str) -> None:
+        """A writer's keys name its generation (``tc:{ns}:v1:g<n>:...``, none: ""). One ahead
+        of us: adopt it. One behind: the counter in Redis went backwards without the sequence
+        breaking (an eviction of ``tc:{ns}:gen`` alone), and a process that read it since
+        writes keys nobody else reads: have the subscriber bring Redis (and so everyone) to a
+        generation above ours (``_remote.sync_generation``)."""
+        if not key.startswith(self._root):
+            return  # not a generation-scoped key (tag and tenant counters)
+        rest = key[len(self._root) :]
+        theirs = rest[1 : rest.index(":")] if rest.startswith("g") and ":" in rest else ""
+        ours = self.generation()
+        if theirs == ours:
+            return
+        if _generation_number(theirs) > _generation_number(ours):
+            self._on_generation(theirs, True)
+        else:
+            self.resync = True
 
     def _parse(self, payload: bytes) -> tuple[int, str, list[str], str, str | None] | list[str] | None:
         """An invalidation as ``(seq, origin, keys, ack list)``; a fill announcement as its keys."""
