@@ -12,11 +12,12 @@ from typing import Any
 import pytest
 import redis
 
+from tests.support import Mode, RedisServer, ready
 from tiercache import TieredCache
 
 
 @pytest.fixture
-def raw(redis_server: Any) -> Iterator[redis.Redis]:
+def raw(redis_server: RedisServer) -> Iterator[redis.Redis]:
     """A plain redis-py client (bytes replies) to the session server, to look behind the cache."""
     client = redis_server.client()
     yield client
@@ -24,7 +25,7 @@ def raw(redis_server: Any) -> Iterator[redis.Redis]:
 
 
 @pytest.fixture
-def own_raw(own_redis: Any) -> Iterator[redis.Redis]:
+def own_raw(own_redis: RedisServer) -> Iterator[redis.Redis]:
     """A plain redis-py client to this test's own server."""
     client = own_redis.client(socket_timeout=5)
     yield client
@@ -32,7 +33,7 @@ def own_raw(own_redis: Any) -> Iterator[redis.Redis]:
 
 
 @pytest.fixture
-def make_cache(mode: Any, redis_server: Any, namespace: str) -> Iterator[Callable[..., TieredCache]]:
+def make_cache(mode: Mode, redis_server: RedisServer, namespace: str) -> Iterator[Callable[..., TieredCache]]:
     """``make_cache(url=None, **kwargs)``: a TieredCache on the session server (or ``url``) in
     this test's namespace, subscribed, and closed at teardown on the loop of ``mode`` (so its
     async pool too)."""
@@ -44,10 +45,7 @@ def make_cache(mode: Any, redis_server: Any, namespace: str) -> Iterator[Callabl
             url = url or redis_server.url
         cache = TieredCache(url, **kwargs)
         made.append(cache)
-        # L1 takes entries only once the invalidation subscriber is subscribed: wait for it,
-        # so what a test expects of L1 does not depend on how fast that thread started.
-        assert cache.ready(10), "the cache's invalidation subscriber did not subscribe within 10 s"
-        return cache
+        return ready(cache)  # L1 takes entries only once the invalidation subscriber is subscribed
 
     yield make
     for cache in made:

@@ -21,8 +21,7 @@ import numpy as np
 import pytest
 import redis
 
-from tests.conftest import RedisServer
-from tests.integration.integration_helpers import ready, wait_until
+from tests.support import RedisServer, eventually, ready
 from tiercache import TieredCache, tiered_batch
 from tiercache._remote import LEASE_PREFIX
 from tiercache._sync import SyncRedis
@@ -181,7 +180,7 @@ def test_async_batch_round_trips(own_redis: RedisServer, own_raw: redis.Redis, n
         assert other.stats().l2_hits == 2
         await g.invalidate(["a"])
         await cache.aio.ready()
-        wait_until(lambda: f.keys(["a"])[0] not in cache._core.local._data, 2, what="the eviction in the other cache")
+        eventually(lambda: f.keys(["a"])[0] not in cache._core.local._data, "the other cache's eviction", timeout=2)
         assert await f(["a", "b"]) == ["v:a", "v:b"]
         assert calls[-1] == ["a"]
         await cache.aclose()
@@ -246,7 +245,7 @@ def test_other_caches_and_processes_read_what_a_batch_stored(
         g(["a"])  # from other's L1 until the invalidation arrives, then computed
         return emb_other.batches
 
-    wait_until(recomputed_there, 2, what="the other cache dropping a")
+    eventually(recomputed_there, "the other cache dropping a", timeout=2)
     assert emb_other.batches == [["a"]]
     assert g(["c"]) == ["v:c"] and len(emb_other.batches) == 1
     there = in_another_process(redis_server.url, namespace, ["b", "a", "d"])

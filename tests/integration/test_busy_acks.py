@@ -8,17 +8,18 @@ import threading
 from typing import Any
 
 import pytest
-from integration_helpers import ready
 
+from tests.support import ready
 from tiercache import TieredCache, tiered
 
 pytestmark = [pytest.mark.redis]
 
 
 def test_wait_true_completes_against_a_process_whose_callers_poll(redis_server: Any, namespace: str) -> None:
-    # A long ping interval (2 s) makes the old behaviour obvious: acks waited for it.
-    writer = ready(TieredCache(redis_server.url, namespace=namespace, staleness_bound=4.0))
-    busy = ready(TieredCache(redis_server.url, namespace=namespace, staleness_bound=4.0))
+    # A long ping interval (6 s) makes the old behaviour obvious: acks waited for it. The 3 s
+    # timeout leaves a loaded CI machine room, and is still half that interval.
+    writer = ready(TieredCache(redis_server.url, namespace=namespace, staleness_bound=12.0))
+    busy = ready(TieredCache(redis_server.url, namespace=namespace, staleness_bound=12.0))
     stop = threading.Event()
 
     @tiered(busy, name="hot")
@@ -35,7 +36,7 @@ def test_wait_true_completes_against_a_process_whose_callers_poll(redis_server: 
     for t in threads:
         t.start()
     try:
-        results = [writer.set(f"k{i}", i, wait=True, timeout=1.0) for i in range(10)]
+        results = [writer.set(f"k{i}", i, wait=True, timeout=3.0) for i in range(10)]
     finally:
         stop.set()
         for t in threads:

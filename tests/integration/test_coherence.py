@@ -19,20 +19,11 @@ from typing import Any
 import pytest
 import redis
 
-from tests.conftest import Mode, RedisServer
 from tests.integration.tcp_proxy import TcpProxy
+from tests.support import Mode, RedisServer, eventually, free_port
 from tiercache import TieredCache, tiered
 
 pytestmark = pytest.mark.redis
-
-
-def eventually(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.005) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 def in_thread(mode: Mode, results: list[Any], f: Callable[..., Any], *args: Any) -> threading.Thread:
@@ -67,8 +58,6 @@ def make_cache(redis_server: RedisServer, namespace: str) -> Iterator[Callable[.
 
 
 def test_l1_is_not_served_until_the_subscription_is_confirmed(make_cache: Callable[..., TieredCache]) -> None:
-    from tests.conftest import free_port
-
     # outage_l1_ttl=0: L1 is off until the bus is confirmed (the default keeps entries for
     # at most the staleness bound while Redis is down: tests/integration/test_outage.py).
     dead = make_cache(f"redis://127.0.0.1:{free_port()}/0", connect_timeout=0.05, outage_l1_ttl=0)
@@ -90,8 +79,6 @@ def test_l1_is_not_served_until_the_subscription_is_confirmed(make_cache: Callab
 def test_without_a_subscription_l1_entries_live_at_most_the_outage_bound(
     make_cache: Callable[..., TieredCache],
 ) -> None:
-    from tests.conftest import free_port
-
     dead = make_cache(f"redis://127.0.0.1:{free_port()}/0", connect_timeout=0.05, staleness_bound=0.4)
     calls = []
 
@@ -164,7 +151,7 @@ def test_without_wait_the_other_node_converges_within_milliseconds(make_cache: C
     assert b.get("k") == 1
     start = time.monotonic()
     a.set("k", 2)
-    assert eventually(lambda: b._core.local.ttl_left(b.key("k")) is None, timeout=1.0)
+    eventually(lambda: b._core.local.ttl_left(b.key("k")) is None, "the entry gone from L1", timeout=1.0)
     assert time.monotonic() - start < 1.0
     assert b.get("k") == 2
 
@@ -222,7 +209,7 @@ def test_a_sequence_gap_flushes_l1(make_cache: Callable[..., TieredCache], redis
     assert bus is not None and bus.last_seq is not None
     skipped = json.dumps({"n": "someone-else", "s": bus.last_seq + 5, "k": ["unrelated"], "a": ""})
     redis_server.client().publish(bus.channel, skipped)
-    assert eventually(lambda: cache.stats().bus_gaps == 1)
+    eventually(lambda: cache.stats().bus_gaps == 1, "the sequence gap counted")
     assert cache._core.local.ttl_left(cache.key("k")) is None
     assert bus.last_seq is not None and bus.last_seq >= 5
 
@@ -234,7 +221,7 @@ def test_a_malformed_message_flushes_l1(make_cache: Callable[..., TieredCache], 
     bus = cache._core.bus
     assert bus is not None
     redis_server.client().publish(bus.channel, b"\x00garbage")
-    assert eventually(lambda: cache._core.local.ttl_left(cache.key("k")) is None)
+    eventually(lambda: cache._core.local.ttl_left(cache.key("k")) is None, "the entry gone from L1")
     assert cache.get("k") == 1  # still correct, from Redis
 
 
@@ -247,7 +234,7 @@ def test_killed_subscriber_connection_flushes_and_resubscribes(
     flushes = cache.stats().bus_flushes
     killed = redis_server.client().client_kill_filter(_type="pubsub")
     assert killed >= 1
-    assert eventually(lambda: cache.stats().bus_flushes >= flushes + 2)  # lost, then resubscribed
+    eventually(lambda: cache.stats().bus_flushes >= flushes + 2, "two flushes")  # lost, then resubscribed
     assert cache._core.local.ttl_left(cache.key("k")) is None
     assert cache.ready(5)
     assert cache.get("k") == 1
@@ -265,7 +252,7 @@ def test_half_open_subscriber_is_detected_within_the_staleness_bound(
         assert cache._core.local.ttl_left(cache.key("k")) is not None
         frozen_at = time.monotonic()
         proxy.freeze()
-        assert eventually(lambda: not cache._core.bus.connected.is_set(), timeout=bound * 3)  # type: ignore[union-attr]
+        eventually(lambda: not cache._core.bus.connected.is_set(), "the bus to notice", timeout=bound * 3)  # type: ignore[union-attr]
         detected = time.monotonic() - frozen_at
         assert detected <= bound + 0.25, f"half-open link noticed after {detected:.3f} s, bound {bound} s"
         assert cache._core.local.ttl_left(cache.key("k")) is None
@@ -296,8 +283,6 @@ def test_wait_reports_fewer_acks_when_a_receiver_is_frozen(
 
 
 def test_wait_is_answered_when_redis_fails(make_cache: Callable[..., TieredCache]) -> None:
-    from tests.conftest import free_port
-
     cache = make_cache(f"redis://127.0.0.1:{free_port()}/0", connect_timeout=0.05)
     result = cache.delete("k", wait=True, timeout=0.2)
     assert result.seq is None and result.receivers is None
@@ -310,7 +295,7 @@ def test_messages_carry_keys_and_node_never_values(
     assert cache.ready()
     sub = redis.Redis(port=redis_server.port).pubsub()
     sub.subscribe(f"tc:{namespace}:inval:0")
-    assert eventually(lambda: sub.get_message(timeout=0.05) is not None)
+    eventually(lambda: sub.get_message(timeout=0.05) is not None, "the subscribe confirmation")
     cache.set("k", "SECRET-VALUE")
     cache.delete("a", "b", "c")
     seen = []
@@ -366,7 +351,7 @@ def test_a_busy_caller_applies_arrived_invalidations_itself(
     assert reader.ready() and writer.ready()
     sub = reader._subscriber
     assert sub is not None
-    assert eventually(lambda: sub._raw is not None), "the raw-socket loop runs on a real socket"
+    eventually(lambda: sub._raw is not None, "the raw-socket loop running on a real socket")
     truth = {"v": 1}
     f = tiered(reader, name="coh.poll")(lambda k: truth["v"])
     assert f(0) == 1 and f(0) == 1
@@ -463,7 +448,7 @@ def test_a_sequence_counter_that_goes_backwards_flushes_l1(
     other = make_cache()
     assert other.ready()
     other.set("unrelated", 1, wait=True)  # seq 1 again
-    assert eventually(lambda: cache.stats().bus_gaps == 1)
+    eventually(lambda: cache.stats().bus_gaps == 1, "the sequence gap counted")
     assert cache._core.local.ttl_left(cache.key("k0")) is None, "anything may be stale: flushed"
 
 
@@ -491,10 +476,10 @@ def test_calls_racing_close_never_raise(make_cache: Callable[..., TieredCache]) 
         threads = [threading.Thread(target=hammer, args=(k,)) for k in range(4)]
         for t in threads:
             t.start()
-        assert eventually(lambda done=done: len(done) >= 50), "calls were running when close() came"
+        eventually(lambda done=done: len(done) >= 50, "calls running when close() came")
         cache.close()
         answered = len(done)
-        assert eventually(lambda done=done, n=answered: len(done) >= n + 50), "calls go on after close()"
+        eventually(lambda done=done, n=answered: len(done) >= n + 50, "calls going on after close()")
         stop.set()
         for t in threads:
             t.join(10)
@@ -518,7 +503,7 @@ def test_the_subscriber_works_with_file_descriptors_above_1024(
         assert cache.ready()
         sub = cache._subscriber
         assert sub is not None
-        assert eventually(lambda: sub._raw is not None)
+        eventually(lambda: sub._raw is not None, "the raw-socket loop")
         assert sub._raw is not None and sub._raw[0].fileno() >= 1024
         flushes = cache.stats().bus_flushes
         cache.set("k", 1, wait=True)

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import RedisServer
 from tests.integration.tcp_proxy import TcpProxy
+from tests.support import RedisServer
 from tiercache import TieredCache, tiered
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.conftest import RedisServer
+from tests.support import RedisServer
 from tiercache import TieredCache, tiered
 
 pytestmark = [pytest.mark.redis, pytest.mark.filterwarnings("ignore::DeprecationWarning")]

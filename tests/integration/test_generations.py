@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 import redis
-from integration_helpers import named_url, ready, wait_until
 
+from tests.support import eventually, named_url, ready
 from tiercache import ConfigError, TieredCache, tiered
 
 pytestmark = [pytest.mark.redis]
@@ -50,7 +50,7 @@ def test_a_resubscribing_cache_never_goes_back_and_the_others_follow(
         assert _generation(a) == _generation(b) == "1"
         raw.flushall()  # the counter goes back to nothing; nobody's subscription is touched
         _kill_subscriber(raw, f"{namespace}-a")  # a resubscribes, and reads the flushed counter
-        wait_until(lambda: _generation(a) == _generation(b) != "1", 10, what="one new generation for both")
+        eventually(lambda: _generation(a) == _generation(b) != "1", "one new generation for both", timeout=10)
         assert int(_generation(a)) > 1, "a generation went backwards"
         # One generation, so one set of keys: an invalidation from one reaches the other.
         ready(a)
@@ -73,7 +73,7 @@ def test_a_write_after_a_flushall_brings_a_new_process_to_the_same_generation(
         c = ready(TieredCache(redis_server.url, namespace=namespace))  # a new process: reads ""
         try:
             a.set("x", 1)  # the sequence restarts: a sees the break and checks the generation
-            wait_until(lambda: _generation(a) == _generation(c) != "", 10, what="one generation for both")
+            eventually(lambda: _generation(a) == _generation(c) != "", "one generation for both", timeout=10)
             assert int(_generation(a)) > 1
             c.set("y", 2, wait=True)
             assert a.get("y") == 2

@@ -12,16 +12,15 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from integration_helpers import ready, wait_until
-from stampede_support import Clock
 
+from tests.support import Clock, eventually, ready
 from tiercache import TieredCache, tiered
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
 
 def _down(cache: TieredCache) -> None:
-    wait_until(lambda: cache.stats().bus_connected is False, 10, what="the bus noticing the outage")
+    eventually(lambda: cache.stats().bus_connected is False, "the bus noticing the outage", timeout=10)
 
 
 @pytest.mark.parametrize("outage_l1_ttl", [None, 0.0])

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import redis
 import redis.asyncio
-from integration_helpers import named_clients, named_url, other_clients, ready, wait_until
 
+from tests.support import eventually, named_clients, named_url, other_clients, ready
 from tiercache import ConfigError, TieredCache, tiered
 
 pytestmark = pytest.mark.redis
@@ -163,12 +163,12 @@ def test_close_releases_sync_connections(own_redis: Any, own_raw: Any, namespace
     open_several_connections(cache)
     assert count() >= 2
     cache.close()
-    wait_until(lambda: count() == 0, 5, what="connections closed by close()")
+    eventually(lambda: count() == 0, "connections closed by close()", timeout=5)
 
     with TieredCache(url, namespace=namespace) as cache:
         open_several_connections(cache)
         assert count() >= 2
-    wait_until(lambda: count() == 0, 5, what="connections closed by `with`")
+    eventually(lambda: count() == 0, "connections closed by `with`", timeout=5)
 
 
 def test_aclose_releases_async_and_sync_connections(own_redis: Any, own_raw: Any, namespace: str) -> None:
@@ -190,18 +190,18 @@ def test_aclose_releases_async_and_sync_connections(own_redis: Any, own_raw: Any
         open_several_connections(cache, 1)  # the sync pool too
         assert count() >= 3
         await cache.aclose()
-        wait_until(lambda: count() == 0, 5, what="connections closed by aclose()")
+        eventually(lambda: count() == 0, "connections closed by aclose()", timeout=5)
 
         cache = TieredCache(url, namespace=namespace, coalesce_reads=False)
         await misses(cache)
         assert count() >= 2
         await cache.aio.aclose()
-        wait_until(lambda: count() == 0, 5, what="connections closed by aio.aclose()")
+        eventually(lambda: count() == 0, "connections closed by aio.aclose()", timeout=5)
 
         async with TieredCache(url, namespace=namespace, coalesce_reads=False) as cache:
             await misses(cache)
             open_several_connections(cache, 1)
             assert count() >= 3
-        wait_until(lambda: count() == 0, 5, what="connections closed by `async with`")
+        eventually(lambda: count() == 0, "connections closed by `async with`", timeout=5)
 
     asyncio.run(scenario())

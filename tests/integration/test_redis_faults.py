@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 import redis
-from integration_helpers import ready, wait_until
 
+from tests.support import eventually, ready
 from tiercache import BackendError, TieredCache, tiered
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
@@ -81,16 +81,16 @@ def test_fail_open_while_the_server_dies_then_recovery(own_redis: Any, own_raw: 
     try:
         for t in [*threads, async_thread]:
             t.start()
-        wait_until(lambda: min(answered.values()) >= 100, 10, what="answers before the kill")
+        eventually(lambda: min(answered.values()) >= 100, "answers before the kill", timeout=10)
         assert cache.stats().backend_errors == 0
         assert own_raw.dbsize() > 0
 
         own_redis.kill()
         killed_at = dict(answered)
-        wait_until(
+        eventually(
             lambda: cache.stats().backend_errors >= 5 and all(answered[k] >= killed_at[k] + 300 for k in answered),
-            15,
-            what="answers while Redis is dead",
+            "answers while Redis is dead",
+            timeout=15,
         )
         # The breaker is open now: callers no longer wait for Redis at all.
         t0 = time.monotonic()
@@ -115,9 +115,9 @@ def test_fail_open_while_the_server_dies_then_recovery(own_redis: Any, own_raw: 
         assert square(x) == x * x
         return bool(own_raw.exists(square.key(x)))
 
-    wait_until(sync_writes_again, 10, interval=0.05, what="sync calls writing to the restarted Redis")
+    eventually(sync_writes_again, "sync calls writing to the restarted Redis", timeout=10, interval=0.05)
     # The invalidation subscriber is back too, so L1 is served again.
-    wait_until(lambda: cache.stats().bus_connected, 10, what="the subscriber resubscribed")
+    eventually(lambda: cache.stats().bus_connected, "the subscriber resubscribed", timeout=10)
     x = next(probe)
     assert square(x) == x * x
     hits = cache.stats().l1_hits

@@ -10,8 +10,8 @@ import warnings
 from typing import Any
 
 import pytest
-from integration_helpers import named_clients, named_url, ready, wait_until
 
+from tests.support import eventually, named_clients, named_url, ready
 from tiercache import TieredCache, tiered
 
 pytestmark = pytest.mark.redis
@@ -88,7 +88,7 @@ def test_finished_event_loops_release_their_connections(own_redis: Any, own_raw:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ResourceWarning)
             gc.collect()
-    wait_until(lambda: named_clients(own_raw, "tc-loops") == 0, 5, what="no connection left after close()")
+    eventually(lambda: named_clients(own_raw, "tc-loops") == 0, "no connection left after close()", timeout=5)
 
 
 def test_sync_and_async_functions_share_one_l1(redis_server: Any, raw: Any, namespace: str) -> None:
@@ -175,7 +175,7 @@ def test_sync_and_async_callers_single_flight_one_load(redis_server: Any, raw: A
         thread.join(10)
         assert results == ["value7"]
         assert calls == ["sync"]
-        assert wait_until(lambda: raw.exists(slow.key(7)), 5, what="the value in Redis")
+        assert eventually(lambda: raw.exists(slow.key(7)), "the value in Redis", timeout=5)
     finally:
         release.set()
         thread.join(10)

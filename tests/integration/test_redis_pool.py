@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 import redis
-from integration_helpers import named_clients, named_url
 
+from tests.support import named_clients, named_url
 from tiercache import tiered
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]

@@ -12,8 +12,8 @@ import zlib
 from typing import Any
 
 import pytest
-from integration_helpers import ready
 
+from tests.support import ready
 from tiercache import TieredCache, tiered
 
 pytestmark = pytest.mark.redis

@@ -3,25 +3,16 @@
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any
 
 import pytest
 import redis
 
+from tests.support import Clock, eventually
 from tiercache import TieredCache, tiered
 from tiercache._remote import await_ack
 
 pytestmark = pytest.mark.redis
-
-
-def wait_until(predicate: Any, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.005)
-    return bool(predicate())
 
 
 def test_racing_clears_leave_every_process_on_the_latest_generation(
@@ -37,10 +28,9 @@ def test_racing_clears_leave_every_process_on_the_latest_generation(
             for t in threads:
                 t.join()
             latest = raw.get(f"tc:{namespace}:gen").decode()
-            assert wait_until(lambda g=latest: a._core.keyspace.generation == b._core.keyspace.generation == g), (
-                a._core.keyspace.generation,
-                b._core.keyspace.generation,
-                latest,
+            eventually(
+                lambda g=latest: a._core.keyspace.generation == b._core.keyspace.generation == g,
+                f"both caches on the latest generation {latest}",
             )
     finally:
         a.close()
@@ -48,8 +38,8 @@ def test_racing_clears_leave_every_process_on_the_latest_generation(
 
 
 def test_a_stale_copy_is_not_served_once_the_entry_was_invalidated_during_the_load() -> None:
-    now = [0.0]
-    cache = TieredCache(namespace="review-stale", clock=lambda: now[0])
+    clock = Clock(0.0, frozen=True)
+    cache = TieredCache(namespace="review-stale", clock=clock)
     started, go = threading.Event(), threading.Event()
     state = {"n": 0}
 
@@ -63,7 +53,7 @@ def test_a_stale_copy_is_not_served_once_the_entry_was_invalidated_during_the_lo
         raise ConnectionError("upstream down")
 
     assert price("a") == "OLD"
-    now[0] = 11  # expired, within stale_ttl
+    clock.advance(11)  # expired, within stale_ttl
     outcome: list[Any] = []
     t = threading.Thread(target=lambda: outcome.append(_call(price, "a")))
     t.start()
@@ -120,7 +110,7 @@ def test_waits_for_other_processes_leave_no_signals_behind(redis_server: Any, ra
         threads = [threading.Thread(target=slow, args=(x,)) for x in range(5)]
         for t in threads:
             t.start()
-        assert wait_until(lambda: all(raw.get(slow.key(x)) is not None for x in range(5)))
+        eventually(lambda: all(raw.get(slow.key(x)) is not None for x in range(5)), "the five values in Redis")
         releaser = threading.Timer(0.1, release.set)
         releaser.start()
         assert [fast(x) for x in range(5)] == list(range(5))  # the holder's values, waited for
@@ -149,7 +139,7 @@ def test_clear_works_after_the_generation_counter_was_lost(
         result = a.clear(wait=True)
         assert result.seq is not None, result
         assert a.get("k") is None
-        assert wait_until(lambda: b.get("k") is None)
+        eventually(lambda: b.get("k") is None, "b to drop k")
         assert a._core.keyspace.generation == b._core.keyspace.generation
     finally:
         a.close()

@@ -12,14 +12,26 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import redis
-from integration_helpers import ready
 
-from tests.stampede_support import WAIT, AsyncOnly, Boom, Clock, Gate, Joined, crowd, eventually
+from tests.support import (
+    WAIT,
+    AsyncOnly,
+    Boom,
+    Clock,
+    Gate,
+    Joined,
+    Loader,
+    Pause,
+    aeventually,
+    crowd,
+    eventually,
+    ready,
+)
 from tiercache import MISSING, LoadTimeoutError, TieredCache, tiered
 from tiercache._async import AsyncRedis
 
@@ -29,73 +41,6 @@ N = 8
 HARD = 0.2
 SOFT = 0.05
 SLACK = 1.5  # how much later than its timeout a released caller may return (a slow CI machine)
-EVERY_CALL = range(1, 10_000)  # Loader(held=...): every call is held at the gate
-
-
-class Loader:
-    """A decorated function's body whose calls play ``outcomes`` in order (the last repeats): a
-    value is returned, an exception raised. Call number ``n`` (from 1) is first held at
-    ``gate`` when ``n`` is in ``held``; ``before``/``abefore`` run first in every call. In
-    async mode it records whether it was cancelled."""
-
-    def __init__(self, mode: Any, *outcomes: Any, gate: Gate | None = None, held: Sequence[int] = ()) -> None:
-        self.mode = mode
-        self.outcomes = list(outcomes)
-        self.gate = gate
-        self.held = held
-        self.calls = 0
-        self.cancelled = threading.Event()
-        self.returned = threading.Event()
-        self.before: Callable[[int], Any] | None = None  # sync hook run first (sync mode)
-        self.abefore: Callable[[int], Any] | None = None  # async hook awaited first (async mode)
-        self._lock = threading.Lock()
-
-    def _take(self) -> tuple[int, Any]:
-        with self._lock:
-            self.calls += 1
-            return self.calls, self.outcomes[min(self.calls, len(self.outcomes)) - 1]
-
-    def fn(self) -> Callable[..., Any]:
-        if self.mode.is_async:
-
-            async def aload(x: int) -> Any:
-                n, outcome = self._take()
-                try:
-                    if self.abefore is not None:
-                        await self.abefore(n)
-                    if n in self.held and self.gate is not None:
-                        await self.gate.ablock()
-                except asyncio.CancelledError:
-                    self.cancelled.set()
-                    raise
-                if n in self.held:
-                    self.returned.set()
-                if isinstance(outcome, BaseException):
-                    raise outcome
-                return outcome
-
-            return aload
-
-        def load(x: int) -> Any:
-            n, outcome = self._take()
-            if self.before is not None:
-                self.before(n)
-            if n in self.held and self.gate is not None:
-                self.gate.block()
-                self.returned.set()
-            if isinstance(outcome, BaseException):
-                raise outcome
-            return outcome
-
-        return load
-
-
-async def until(predicate: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.001)
 
 
 def stored(cache: TieredCache, raw: redis.Redis, key: str) -> Any:
@@ -175,13 +120,13 @@ def test_cancelled_async_leader_hands_over_and_gives_its_lease_back(
     waiter takes the load over at once (not after ``lease_ttl``), and every waiter gets the
     value, which Redis then holds."""
     cache = async_cache(lease_ttl=3.0)
-    loader = Loader(AsyncOnly(), "never returned", "taken over", gate=gate, held=(1,))
+    loader = Loader(AsyncOnly(), Pause("never returned", until=gate), "taken over")
     f = tiered(cache)(loader.fn())
     key = f.key(1)
 
     async def scenario() -> float:
         leader = asyncio.ensure_future(f(1))
-        await until(lambda: loader.calls == 1, "the leader to call the function")
+        await aeventually(lambda: loader.calls == 1, "the leader to call the function")
         assert raw.get(key) is not None  # the leader's lease marker
         waiters = [asyncio.ensure_future(f(1)) for _ in range(N)]
         await joined.ablock(N)
@@ -229,7 +174,7 @@ def test_leader_cancelled_before_its_lease_reply_does_not_stall_waiters(
 
     async def scenario() -> float:
         leader = asyncio.ensure_future(f(1))
-        await until(replied.is_set, "the leader's read to reach Redis")
+        await aeventually(replied.is_set, "the leader's read to reach Redis")
         assert raw.get(key) is not None  # Redis ran the SET: the lease marker is there
         waiters = [asyncio.ensure_future(f(1)) for _ in range(N)]
         await joined.ablock(N)
@@ -262,11 +207,7 @@ def test_raising_function_gives_every_waiter_its_exception_and_caches_nothing(
     Redis (the lease is given back: another cache loads at once); the next call calls again."""
     cache = make_cache()
     error = Boom("database unavailable")
-    loader = Loader(mode, error, "recovered")
-    if mode.is_async:
-        loader.abefore = lambda n: joined.ablock(N - 1) if n == 1 else asyncio.sleep(0)
-    else:
-        loader.before = lambda n: joined.block(N - 1) if n == 1 else None
+    loader = Loader(mode, Pause(error, until=joined.reach(N - 1)), "recovered")
     f = tiered(cache, name="raising")(loader.fn())
     key = f.key(1)
     results, _ = crowd(mode, N, lambda: f(1))
@@ -300,7 +241,7 @@ def test_hard_timeout_releases_waiters_with_load_timeout_error(
     load is cancelled; in sync mode it runs on in its worker thread, and when it returns its
     result is stored nowhere (its lease is gone, and it stays out of L1)."""
     cache = make_cache()
-    loader = Loader(mode, "late", gate=gate, held=EVERY_CALL)
+    loader = Loader(mode, Pause("late", until=gate))
     f = tiered(cache, hard_timeout=HARD)(loader.fn())
     key = f.key(1)
     results, elapsed = crowd(mode, N, lambda: f(1))
@@ -311,21 +252,21 @@ def test_hard_timeout_releases_waiters_with_load_timeout_error(
     if mode.is_async:
         # (A waiter whose deadline had not quite come when another's timeout cancelled the load
         # may have started another: see the unit test test_hard_timeout_bounds_every_callers_wait.)
-        eventually(mode, loader.cancelled.is_set, "the hanging load to be cancelled")
-        eventually(mode, lambda: raw.get(key) is None, "the cancelled load's lease to be given back")
+        eventually(loader.cancelled.is_set, "the hanging load to be cancelled", mode=mode)
+        eventually(lambda: raw.get(key) is None, "the cancelled load's lease to be given back", mode=mode)
         hung = loader.calls
-        loader.held, loader.outcomes = (), ["fresh"]  # from now on the function answers at once
+        loader.outcomes = ["fresh"]  # from now on the function answers at once
         assert mode.call(f, 1) == "fresh"
         assert loader.calls == hung + 1
         assert stored(cache, raw, key) == "fresh"
     else:
         assert loader.calls == 1
-        eventually(mode, lambda: raw.get(key) is None, "the timed-out load's lease to be given back")
+        eventually(lambda: raw.get(key) is None, "the timed-out load's lease to be given back", mode=mode)
         gate.open()
         assert loader.returned.wait(WAIT)
         assert raw.get(key) is None, "the late result of a timed-out load was stored"
         assert cache._core.local.get(key) is MISSING, "the late result of a timed-out load entered L1"
-        loader.held, loader.outcomes = (), ["fresh"]
+        loader.outcomes = ["fresh"]
         assert mode.call(f, 1) == "fresh"
         assert loader.calls == 2
 
@@ -335,7 +276,7 @@ def test_hard_timeout_serves_the_stale_value(
 ) -> None:
     """With a previous value within ``stale_ttl``, callers released by the hard timeout get it."""
     cache = make_cache(clock=clock)
-    loader = Loader(mode, "v1", "v2", gate=gate, held=EVERY_CALL[1:])
+    loader = Loader(mode, "v1", Pause("v2", until=gate))
     f = tiered(cache, ttl=30, stale_ttl=600, hard_timeout=HARD)(loader.fn())
     assert mode.call(f, 1) == "v1"
     clock.advance(31)
@@ -359,7 +300,7 @@ def test_soft_timeout_serves_stale_and_the_load_lands_in_l1_and_redis(
     """With a stale value, a caller gets it after about ``soft_timeout``; the load goes on in
     the background and its result lands in Redis and L1."""
     cache = make_cache(clock=clock)
-    loader = Loader(mode, "v1", "v2", gate=gate, held=(2,))
+    loader = Loader(mode, "v1", Pause("v2", until=gate), "v2")
     f = tiered(cache, ttl=30, stale_ttl=600, soft_timeout=SOFT, hard_timeout=WAIT)(loader.fn())
     key = f.key(1)
     assert mode.call(f, 1) == "v1"
@@ -371,7 +312,7 @@ def test_soft_timeout_serves_stale_and_the_load_lands_in_l1_and_redis(
     assert cache.stats().stale_served == 3
     assert loader.calls == 2
     gate.open()
-    eventually(mode, lambda: cache._core.local.get(key) == "v2", "the background load to land in L1")
+    eventually(lambda: cache._core.local.get(key) == "v2", "the background load to land in L1", mode=mode)
     assert stored(cache, raw, key) == "v2"
     assert mode.call(f, 1) == "v2"
     assert loader.calls == 2
@@ -385,11 +326,7 @@ def test_soft_timeout_without_stale_waits_for_the_load(
 ) -> None:
     """Without a stale value callers wait past ``soft_timeout`` for the load (up to ``hard``)."""
     cache = make_cache()
-    loader = Loader(mode, "slow value")
-    if mode.is_async:
-        loader.abefore = lambda n: asyncio.sleep(4 * SOFT)
-    else:
-        loader.before = lambda n: time.sleep(4 * SOFT)
+    loader = Loader(mode, Pause("slow value", seconds=4 * SOFT))
     f = tiered(cache, soft_timeout=SOFT, hard_timeout=WAIT)(loader.fn())
     results, elapsed = crowd(mode, 3, lambda: f(1))
     assert results == ["slow value"] * 3
@@ -467,7 +404,7 @@ def test_refresh_after_one_background_refresh_for_many_callers(
     refresh is held at a gate) and exactly one refresh runs; it lands in Redis and L1 and the
     new value is served."""
     cache = make_cache(clock=clock)
-    loader = Loader(mode, "v1", "v2", gate=gate, held=(2,))
+    loader = Loader(mode, "v1", Pause("v2", until=gate), "v2")
     f = tiered(cache, ttl=60, refresh_after=30)(loader.fn())
     key = f.key(1)
     assert mode.call(f, 1) == "v1"
@@ -475,12 +412,12 @@ def test_refresh_after_one_background_refresh_for_many_callers(
     results, elapsed = crowd(mode, N, lambda: f(1))
     assert results == ["v1"] * N
     assert elapsed < SLACK
-    eventually(mode, lambda: loader.calls == 2, "the background refresh to call the function")
+    eventually(lambda: loader.calls == 2, "the background refresh to call the function", mode=mode)
     assert cache.stats().refreshes_ahead == 1
     gate.open()
-    eventually(mode, lambda: cache._core.local.get(key) == "v2", "the refresh to land in L1")
+    eventually(lambda: cache._core.local.get(key) == "v2", "the refresh to land in L1", mode=mode)
     assert stored(cache, raw, key) == "v2"
-    eventually(mode, lambda: not cache._core.refreshing, "the refresh to end")
+    eventually(lambda: not cache._core.refreshing, "the refresh to end", mode=mode)
     assert mode.call(f, 1) == "v2"
     assert loader.calls == 2
     assert cache.stats().refreshes_ahead == 1
@@ -494,7 +431,7 @@ def test_refresh_ahead_runs_in_one_cache_of_two(
     first's refresh token and does not call the function; the first's result reaches both."""
     first = make_cache(clock=clock)
     second = make_cache(clock=clock)
-    loaders = [Loader(mode, "v1", "v2", gate=gate, held=(2,)), Loader(mode, "second's")]
+    loaders = [Loader(mode, "v1", Pause("v2", until=gate), "v2"), Loader(mode, "second's")]
     f1 = tiered(first, ttl=60, refresh_after=30, name="shared")(loaders[0].fn())
     f2 = tiered(second, ttl=60, refresh_after=30, name="shared")(loaders[1].fn())
     key = f1.key(1)
@@ -503,13 +440,13 @@ def test_refresh_ahead_runs_in_one_cache_of_two(
     assert loaders[1].calls == 0
     clock.advance(31)
     assert mode.call(f1, 1) == "v1"
-    eventually(mode, lambda: loaders[0].calls == 2, "the first cache's refresh to start")
+    eventually(lambda: loaders[0].calls == 2, "the first cache's refresh to start", mode=mode)
     assert mode.call(f2, 1) == "v1"
-    eventually(mode, lambda: not second._core.refreshing, "the second cache's refresh attempt to end")
+    eventually(lambda: not second._core.refreshing, "the second cache's refresh attempt to end", mode=mode)
     assert loaders[1].calls == 0
     gate.open()
-    eventually(mode, lambda: stored(first, raw, key) == "v2", "the refresh to land in Redis")
-    eventually(mode, lambda: second._core.local.entry(key) is None, "the second cache to drop its copy")
+    eventually(lambda: stored(first, raw, key) == "v2", "the refresh to land in Redis", mode=mode)
+    eventually(lambda: second._core.local.entry(key) is None, "the second cache to drop its copy", mode=mode)
     assert mode.call(f2, 1) == "v2"
     assert loaders[1].calls == 0
     assert loaders[0].calls == 2
@@ -570,21 +507,13 @@ def test_cached_errors_are_per_process(mode: Any, make_cache: Callable[..., Tier
 # -- 10. the circuit breaker --------------------------------------------------------------------
 
 
-class ManualClock:
-    def __init__(self) -> None:
-        self.now = 500.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_breaker_opens_with_redis_down_and_closes_after_a_probe(
     mode: Any, own_redis: Any, own_raw: redis.Redis, namespace: str
 ) -> None:
     """With the server killed, ``breaker_threshold`` failed calls open the breaker; while open,
     calls skip Redis (no more failures counted, answered fast by the function); once the
     cooldown passes and the server is back, one probe closes it and values reach Redis again."""
-    clock = ManualClock()
+    clock = Clock(500.0, frozen=True)
     cache = TieredCache(
         own_redis.url,
         namespace=namespace,
@@ -610,7 +539,7 @@ def test_breaker_opens_with_redis_down_and_closes_after_a_probe(
             assert mode.call(f, i) == "answer"
         assert time.monotonic() - started < 0.5  # no connects, no timeouts
         assert cache.stats().backend_errors == 3
-        clock.now += 5.0  # one probe, which fails: open for another cooldown
+        clock.advance(5.0)  # one probe, which fails: open for another cooldown
         assert mode.call(f, 54) == "answer"
         assert cache.stats().backend_errors == 4
         assert mode.call(f, 55) == "answer"
@@ -618,7 +547,7 @@ def test_breaker_opens_with_redis_down_and_closes_after_a_probe(
         own_redis.start()
         assert mode.call(f, 56) == "answer"
         assert own_raw.get(f.key(56)) is None  # still open
-        clock.now += 5.0
+        clock.advance(5.0)
         assert mode.call(f, 57) == "answer"  # the probe succeeds
         assert not cache._core.breaker.is_open
         assert mode.call(f, 58) == "answer"

@@ -25,8 +25,7 @@ from typing import Any
 import pytest
 import redis
 
-from tests.conftest import RedisServer
-from tests.integration.integration_helpers import wait_until
+from tests.support import RedisServer, eventually
 from tiercache import TieredCache, tiered
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
@@ -184,7 +183,7 @@ def redis_key(cache: TieredCache, arg: str) -> str:
 
 def wait_for_waiter(raw: redis.Redis, key: str, timeout: float = 5) -> None:
     """Until a process waiting for another's load of ``key`` has raised the key's waiter flag."""
-    wait_until(lambda: raw.exists(key + ":w"), timeout, interval=0.005, what=f"the waiter flag of {key}")
+    eventually(lambda: raw.exists(key + ":w"), f"the waiter flag of {key}", timeout=timeout, interval=0.005)
 
 
 def run_stampede(
@@ -441,7 +440,7 @@ def test_redis_killed_during_a_load_fails_open_and_recovers(
         return own_raw.get(key2) is not None
 
     # Fresh connections after the restart: within a breaker cooldown or two, a load stores again.
-    wait_until(stored, 10, interval=0.2, what="a fill after the restart")
+    eventually(stored, "a fill after the restart", timeout=10, interval=0.2)
     print(f"redis restarted: stored again on call {len(attempts)} after the subscribers were back")
     reused = waiter.request("call", arg="k2")
     assert reused["ok"] and reused["calls"] == 0, f"the other process reads the fill from Redis: {reused}"

@@ -15,6 +15,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from tests.support import Clock
 from tiercache import TieredCache, tiered
 
 ABSENT = "<absent>"
@@ -28,21 +29,13 @@ CACHE_L1_TTL = 5.0
 PLAIN_L1_TTL = 2.0
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 class CacheMachine(RuleBasedStateMachine):
     REDIS = False
     PLAIN_TTL = 3.0
 
     def __init__(self) -> None:
         super().__init__()
-        self.clock = Clock()
+        self.clock = Clock(100.0, frozen=True)
         self.loop = asyncio.new_event_loop()
         if self.REDIS:
             server = fakeredis.FakeServer()
@@ -199,7 +192,7 @@ class CacheMachine(RuleBasedStateMachine):
 
     @rule(seconds=STEPS)
     def advance(self, seconds: float) -> None:
-        self.clock.now += seconds
+        self.clock.advance(seconds)
 
     @precondition(lambda self: self.REDIS)
     @rule()

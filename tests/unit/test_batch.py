@@ -14,8 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.conftest import FakeRedisCaches
-from tests.stampede_support import Joined
+from tests.support import FakeRedisCaches, Joined
 from tiercache import ConfigError, TieredCache, tiered_batch
 from tiercache._remote import LEASE_PREFIX
 

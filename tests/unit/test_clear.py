@@ -8,12 +8,13 @@ from typing import Any
 import fakeredis
 import pytest
 
+from tests.support import Clock
 from tiercache import TieredCache, tiered
 
 
 def test_clear_changes_every_key_and_drops_stale_copies() -> None:
-    now = [0.0]
-    cache = TieredCache(namespace="clr", clock=lambda: now[0])
+    clock = Clock(0.0, frozen=True)
+    cache = TieredCache(namespace="clr", clock=clock)
     outcomes: list[Any] = ["v1"]
 
     @tiered(cache, ttl=10, stale_ttl=100)
@@ -30,7 +31,7 @@ def test_clear_changes_every_key_and_drops_stale_copies() -> None:
     assert f.key(1) != before and f.key(1).startswith("tc:clr:v1:g")
     assert cache.key("u").startswith("tc:clr:v1:g")
     assert cache.get("u") is None
-    now[0] = 11  # past the TTL, within stale_ttl: only a stale copy could answer now
+    clock.advance(11)  # past the TTL, within stale_ttl: only a stale copy could answer now
     outcomes.append(RuntimeError("down"))
     with pytest.raises(RuntimeError):
         f(1)  # the old copy is invalidated, not merely old: never served (its key is gone too)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import RedisServer
+from tests.support import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
 MARKER = "# needs-redis"

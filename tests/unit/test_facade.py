@@ -10,19 +10,8 @@ from typing import Any
 import fakeredis
 import pytest
 
-from tests.conftest import FakeRedisCaches
+from tests.support import Clock, FakeRedisCaches
 from tiercache import MISSING, CodecError, ConfigError, TieredCache, tiered
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 5000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +29,7 @@ class Env(FakeRedisCaches):
     """Caches on one fakeredis server, sharing a manual clock."""
 
     def __init__(self, mode: Any) -> None:
-        self.clock = Clock()
+        self.clock = Clock(5000.0, frozen=True)
         super().__init__(mode, "facade", clock=self.clock)
 
 
@@ -368,7 +357,7 @@ def test_unencodable_result_is_returned_not_cached(mode: Any, env: Env) -> None:
 
 
 def test_l1_only_cache(mode: Any) -> None:
-    clock = Clock()
+    clock = Clock(5000.0, frozen=True)
     cache = TieredCache(namespace="l1only", clock=clock, ttl=100, l1_ttl=10)
     api = mode.api(cache)
     calls: list[Any] = []

@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import fakeredis
 import pytest
 
+from tests.support import WAIT, Clock, Joined, aeventually, eventually
 from tiercache import MISSING, TieredCache, _read, tiered
-from tiercache._flight import Flight, FlightTable
+from tiercache._flight import FlightTable
 
 N = 8
-WAIT = 5.0  # seconds any test waits for another thread before failing (never reached when green)
 
 
 @pytest.fixture
@@ -30,7 +29,7 @@ def cache(server: fakeredis.FakeServer) -> Iterator[TieredCache]:
         client=fakeredis.FakeRedis(server=server),
         async_client=fakeredis.FakeAsyncRedis(server=server),
         namespace="flight",
-        clock=lambda: 1000.0,
+        clock=Clock(1000.0, frozen=True),
     )
     assert cache.ready()  # L1 takes entries once the invalidation subscriber is subscribed
     yield cache
@@ -40,50 +39,6 @@ def cache(server: fakeredis.FakeServer) -> Iterator[TieredCache]:
 @pytest.fixture
 def raw(server: fakeredis.FakeServer) -> fakeredis.FakeRedis:
     return fakeredis.FakeRedis(server=server)
-
-
-class Waiters:
-    """Counts callers that joined someone else's flight (instead of loading themselves)."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self._lock = threading.Lock()
-
-    def bump(self) -> None:
-        with self._lock:
-            self.count += 1
-
-
-@pytest.fixture
-def waiters(monkeypatch: pytest.MonkeyPatch) -> Iterator[Waiters]:
-    w = Waiters()
-    original = Flight.add_waiter
-
-    def add_waiter(self: Flight, callback: Callable[[], None]) -> bool:
-        w.bump()
-        return original(self, callback)
-
-    monkeypatch.setattr(Flight, "add_waiter", add_waiter)
-    yield w
-
-
-def until(predicate: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.001)
-
-
-async def async_until(predicate: Callable[[], bool], what: str) -> None:
-    for _ in range(10_000):
-        if predicate():
-            return
-        await asyncio.sleep(0)
-    pytest.fail(f"timed out waiting for {what}")
-
-
-# -- the table itself -------------------------------------------------------------------------
 
 
 def test_flight_table_lead_join_release() -> None:
@@ -111,7 +66,7 @@ def test_flight_table_lead_join_release() -> None:
 # -- single flight ----------------------------------------------------------------------------
 
 
-def test_single_flight_threads(cache: TieredCache, raw: fakeredis.FakeRedis, waiters: Waiters) -> None:
+def test_single_flight_threads(cache: TieredCache, raw: fakeredis.FakeRedis, joined: Joined) -> None:
     entered = threading.Event()
     release = threading.Event()
     calls: list[int] = []
@@ -126,7 +81,7 @@ def test_single_flight_threads(cache: TieredCache, raw: fakeredis.FakeRedis, wai
     with ThreadPoolExecutor(N) as pool:
         futures = [pool.submit(slow, 1) for _ in range(N)]
         assert entered.wait(WAIT)
-        until(lambda: waiters.count == N - 1, "all threads to join the flight")
+        eventually(lambda: joined.count == N - 1, "all threads to join the flight")
         assert calls == [1]
         release.set()
         results = [f.result(WAIT) for f in futures]
@@ -140,7 +95,7 @@ def test_single_flight_threads(cache: TieredCache, raw: fakeredis.FakeRedis, wai
     assert slow(1) == [1, 1]
 
 
-def test_single_flight_asyncio_tasks(cache: TieredCache, waiters: Waiters) -> None:
+def test_single_flight_asyncio_tasks(cache: TieredCache, joined: Joined) -> None:
     calls: list[int] = []
 
     async def scenario() -> None:
@@ -155,7 +110,7 @@ def test_single_flight_asyncio_tasks(cache: TieredCache, waiters: Waiters) -> No
             return [x, len(calls)]
 
         tasks = [asyncio.ensure_future(slow(7)) for _ in range(N)]
-        await async_until(lambda: entered.is_set() and waiters.count == N - 1, "all tasks to join")
+        await aeventually(lambda: entered.is_set() and joined.count == N - 1, "all tasks to join")
         assert calls == [7]
         release.set()
         results = await asyncio.wait_for(asyncio.gather(*tasks), WAIT)
@@ -188,7 +143,7 @@ class Boom(Exception):
     pass
 
 
-def test_failing_load_threads(cache: TieredCache, raw: fakeredis.FakeRedis, waiters: Waiters) -> None:
+def test_failing_load_threads(cache: TieredCache, raw: fakeredis.FakeRedis, joined: Joined) -> None:
     entered = threading.Event()
     release = threading.Event()
     calls: list[int] = []
@@ -205,7 +160,7 @@ def test_failing_load_threads(cache: TieredCache, raw: fakeredis.FakeRedis, wait
     with ThreadPoolExecutor(N) as pool:
         futures = [pool.submit(fails, 3) for _ in range(N)]
         assert entered.wait(WAIT)
-        until(lambda: waiters.count == N - 1, "all threads to join the flight")
+        eventually(lambda: joined.count == N - 1, "all threads to join the flight")
         release.set()
         errors = [f.exception(WAIT) for f in futures]
     assert all(isinstance(e, Boom) and str(e) == "boom 3" for e in errors), errors
@@ -221,7 +176,7 @@ def test_failing_load_threads(cache: TieredCache, raw: fakeredis.FakeRedis, wait
     assert calls == [3, 3]
 
 
-def test_failing_load_asyncio_tasks(cache: TieredCache, raw: fakeredis.FakeRedis, waiters: Waiters) -> None:
+def test_failing_load_asyncio_tasks(cache: TieredCache, raw: fakeredis.FakeRedis, joined: Joined) -> None:
     calls: list[int] = []
 
     async def scenario() -> None:
@@ -238,7 +193,7 @@ def test_failing_load_asyncio_tasks(cache: TieredCache, raw: fakeredis.FakeRedis
             return -x
 
         tasks = [asyncio.ensure_future(fails(4)) for _ in range(N)]
-        await async_until(lambda: entered.is_set() and waiters.count == N - 1, "all tasks to join")
+        await aeventually(lambda: entered.is_set() and joined.count == N - 1, "all tasks to join")
         release.set()
         results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), WAIT)
         assert all(isinstance(r, Boom) and str(r) == "async boom" for r in results), results
@@ -253,7 +208,7 @@ def test_failing_load_asyncio_tasks(cache: TieredCache, raw: fakeredis.FakeRedis
     assert cache.stats().load_errors == 1
 
 
-def test_cancelled_async_leader_hands_over(cache: TieredCache, waiters: Waiters) -> None:
+def test_cancelled_async_leader_hands_over(cache: TieredCache, joined: Joined) -> None:
     calls: list[int] = []
 
     async def scenario() -> None:
@@ -270,7 +225,7 @@ def test_cancelled_async_leader_hands_over(cache: TieredCache, waiters: Waiters)
         leader = asyncio.ensure_future(slow(1))
         await entered.wait()
         follower = asyncio.ensure_future(slow(1))
-        await async_until(lambda: waiters.count == 1, "the follower to join")
+        await aeventually(lambda: joined.count == 1, "the follower to join")
         leader.cancel()
         assert await asyncio.wait_for(follower, WAIT) == 101
         with pytest.raises(asyncio.CancelledError):
@@ -326,7 +281,7 @@ def test_invalidation_during_load_keeps_result_out_of_l1(cache: TieredCache, how
 
 
 @pytest.mark.parametrize("how", ["invalidate", "delete"])
-def test_caller_after_invalidation_does_not_join_old_flight(cache: TieredCache, waiters: Waiters, how: str) -> None:
+def test_caller_after_invalidation_does_not_join_old_flight(cache: TieredCache, joined: Joined, how: str) -> None:
     item, entered, release, calls = make_blocking(cache)
     key = item.key(1)
     with ThreadPoolExecutor(1) as pool:
@@ -334,7 +289,7 @@ def test_caller_after_invalidation_does_not_join_old_flight(cache: TieredCache, 
         assert entered.wait(WAIT)
         invalidate(cache, item, how)
         assert item(1) == "fresh2"  # a new load, not the old flight's answer
-        assert waiters.count == 0
+        assert joined.count == 0
         assert len(calls) == 2
         release.set()
         assert loading.result(WAIT) == "stale"
@@ -365,7 +320,7 @@ def test_load_overtaken_by_invalidation_does_not_reach_redis(
 
 
 @pytest.mark.parametrize("how", ["invalidate", "delete"])
-def test_invalidation_during_async_load(cache: TieredCache, waiters: Waiters, how: str) -> None:
+def test_invalidation_during_async_load(cache: TieredCache, joined: Joined, how: str) -> None:
     calls: list[str] = []
 
     async def scenario() -> None:
@@ -392,7 +347,7 @@ def test_invalidation_during_async_load(cache: TieredCache, waiters: Waiters, ho
         assert await asyncio.wait_for(loading, WAIT) == "stale"
         assert cache._core.local.get(key) is MISSING
         assert cache.stats().l1_size == 0
-        assert waiters.count == 0
+        assert joined.count == 0
         await cache.aclose()
 
     asyncio.run(scenario())

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import FakeRedisCaches, Mode
+from tests.support import FakeRedisCaches, Mode
 from tiercache import TieredCache, tiered, tiered_batch
 
 BOUND = 5.0  # seconds: every scenario here takes milliseconds; a hang waits forever

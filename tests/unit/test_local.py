@@ -4,24 +4,14 @@ from __future__ import annotations
 
 import pytest
 
+from tests.support import Clock
 from tiercache import MISSING
 from tiercache._local import LocalCache
 
 
-class Clock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    return Clock(1000.0, frozen=True)
 
 
 def keys_of(local: LocalCache) -> list[str]:

@@ -10,14 +10,14 @@ import asyncio
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import fakeredis
 import pytest
 
 import tiercache._policy
-from tests.stampede_support import WAIT, AsyncOnly, Boom, Clock, Gate, Joined, Mark, crowd, eventually
+from tests.support import WAIT, AsyncOnly, Boom, Clock, Gate, Joined, Loader, Pause, aeventually, crowd, eventually
 from tiercache import ConfigError, LoadTimeoutError, TieredCache, tiered
 from tiercache._async import AsyncRedis
 from tiercache._sync import SyncRedis
@@ -28,76 +28,7 @@ SOFT = 0.05  # a soft timeout that must elapse
 SLACK = 1.5  # how much later than its timeout a released caller may return (a slow CI machine)
 
 
-class Pause:
-    """An outcome: hold the call until ``until`` lets it go (a Gate or a Mark), or for
-    ``seconds``, then go on with ``then`` (a value to return or an exception to raise)."""
-
-    def __init__(self, then: Any, until: Gate | Mark | None = None, seconds: float = 0.0) -> None:
-        self.then, self.until, self.seconds = then, until, seconds
-
-
-class Loader:
-    """The body of a decorated function whose calls play ``outcomes`` in order (the last one
-    repeats): a value is returned, an exception raised, a :class:`Pause` held first. In async
-    mode it records whether it was cancelled while held."""
-
-    def __init__(self, mode: Any, *outcomes: Any) -> None:
-        self.mode = mode
-        self.outcomes = list(outcomes)
-        self.calls = 0
-        self.cancelled = threading.Event()
-        self._lock = threading.Lock()
-
-    def _take(self) -> Any:
-        with self._lock:
-            self.calls += 1
-            return self.outcomes[min(self.calls, len(self.outcomes)) - 1]
-
-    def fn(self) -> Callable[..., Any]:
-        if self.mode.is_async:
-
-            async def aload(x: int) -> Any:
-                outcome = self._take()
-                if isinstance(outcome, Pause):
-                    try:
-                        if outcome.until is not None:
-                            await outcome.until.ablock()
-                        if outcome.seconds:
-                            await asyncio.sleep(outcome.seconds)
-                    except asyncio.CancelledError:
-                        self.cancelled.set()
-                        raise
-                    outcome = outcome.then
-                if isinstance(outcome, BaseException):
-                    raise outcome
-                return outcome
-
-            return aload
-
-        def load(x: int) -> Any:
-            outcome = self._take()
-            if isinstance(outcome, Pause):
-                if outcome.until is not None:
-                    outcome.until.block()
-                if outcome.seconds:
-                    time.sleep(outcome.seconds)
-                outcome = outcome.then
-            if isinstance(outcome, BaseException):
-                raise outcome
-            return outcome
-
-        return load
-
-
 ASYNC = AsyncOnly()
-
-
-async def async_until(predicate: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0)
 
 
 @pytest.fixture
@@ -158,7 +89,7 @@ def test_cancelled_async_leader_hands_the_load_to_one_waiter(l1: TieredCache, jo
 
     async def scenario() -> None:
         leader = asyncio.ensure_future(f(1))
-        await async_until(lambda: loader.calls == 1, "the leader to call the function")
+        await aeventually(lambda: loader.calls == 1, "the leader to call the function")
         waiters = [asyncio.ensure_future(f(1)) for _ in range(N)]
         await joined.ablock(N)
         leader.cancel()
@@ -215,7 +146,7 @@ def test_hard_timeout_without_stale_raises_load_timeout(mode: Any, l1: TieredCac
     assert stats.in_flight == 0
     assert stats.stale_served == 0
     if mode.is_async:
-        eventually(mode, loader.cancelled.is_set, "the hanging async load to be cancelled")
+        eventually(loader.cancelled.is_set, "the hanging async load to be cancelled", mode=mode)
     hung = loader.calls
     loader.outcomes = ["fresh"]  # from now on the function answers at once
     assert mode.call(f, 1) == "fresh"  # a new load, not the hanging one
@@ -238,7 +169,7 @@ def test_hard_timeout_serves_stale_value(mode: Any, l1: TieredCache, clock: Cloc
     assert stats.load_timeouts == N
     assert stats.in_flight == 0
     if mode.is_async:
-        eventually(mode, loader.cancelled.is_set, "the hanging async load to be cancelled")
+        eventually(loader.cancelled.is_set, "the hanging async load to be cancelled", mode=mode)
 
 
 def test_hard_timeout_bounds_every_callers_wait(l1: TieredCache, gate: Gate) -> None:
@@ -259,7 +190,7 @@ def test_hard_timeout_bounds_every_callers_wait(l1: TieredCache, gate: Gate) -> 
 
     async def scenario() -> list[tuple[Any, float]]:
         a = asyncio.ensure_future(timed())
-        await async_until(lambda: loader.calls == 1, "the load to start")
+        await aeventually(lambda: loader.calls == 1, "the load to start")
         await asyncio.sleep(0.05)
         b = asyncio.ensure_future(timed())
         return await asyncio.wait_for(asyncio.gather(a, b), WAIT)
@@ -285,7 +216,7 @@ def test_soft_timeout_serves_stale_then_the_load_lands(mode: Any, l1: TieredCach
     assert l1.stats().stale_served == 1
     assert l1.stats().in_flight == 1  # the load goes on
     gate.open()
-    eventually(mode, lambda: l1._core.local.get(key) == "v2", "the background load to land in L1")
+    eventually(lambda: l1._core.local.get(key) == "v2", "the background load to land in L1", mode=mode)
     assert mode.call(f, 1) == "v2"
     assert loader.calls == 2
     stats = l1.stats()
@@ -415,12 +346,12 @@ def test_refresh_after_starts_one_background_refresh(mode: Any, l1: TieredCache,
     results, elapsed = crowd(mode, N, lambda: f(1))
     assert results == ["v1"] * N
     assert elapsed < SLACK
-    eventually(mode, lambda: loader.calls == 2, "the background refresh to call the function")
+    eventually(lambda: loader.calls == 2, "the background refresh to call the function", mode=mode)
     assert mode.call(f, 1) == "v1"  # still the current value while the refresh runs
     assert l1.stats().refreshes_ahead == 1
     gate.open()
-    eventually(mode, lambda: l1._core.local.get(key) == "v2", "the refresh to land")
-    eventually(mode, lambda: not l1._core.refreshing, "the refresh to end")
+    eventually(lambda: l1._core.local.get(key) == "v2", "the refresh to land", mode=mode)
+    eventually(lambda: not l1._core.refreshing, "the refresh to end", mode=mode)
     assert mode.call(f, 1) == "v2"
     assert loader.calls == 2
     stats = l1.stats()
@@ -485,9 +416,9 @@ def test_xfetch_refreshes_about_beta_load_times_before_expiry(
     assert mode.call(f, 1) == "v1"
     assert mode.call(f, 1) == "v1"
     assert l1.stats().refreshes_ahead == 1
-    eventually(mode, lambda: loader.calls == 2, "the background refresh to call the function")
+    eventually(lambda: loader.calls == 2, "the background refresh to call the function", mode=mode)
     gate.open()
-    eventually(mode, lambda: l1._core.local.get(f.key(1)) == "v2", "the refresh to land")
+    eventually(lambda: l1._core.local.get(f.key(1)) == "v2", "the refresh to land", mode=mode)
     assert mode.call(f, 1) == "v2"
     assert loader.calls == 2
 
@@ -535,7 +466,7 @@ def test_xfetch_without_measured_load_time_refreshes_only_at_expiry(
         assert caches[1].stats().refreshes_ahead == 0
         assert mode.call(writer, 1) == "v"
         assert caches[0].stats().refreshes_ahead == 1
-        eventually(mode, lambda: not caches[0]._core.refreshing, "the writer's refresh to end")
+        eventually(lambda: not caches[0]._core.refreshing, "the writer's refresh to end", mode=mode)
     finally:
         for c in caches:
             if mode.is_async:
@@ -654,14 +585,6 @@ def test_cached_error_does_not_leave_a_lease_in_redis(mode: Any, clock: Clock) -
 # -- the circuit breaker ------------------------------------------------------------------------
 
 
-class ManualClock:
-    def __init__(self) -> None:
-        self.now = 500.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_breaker_opens_skips_redis_and_closes_after_probe(mode: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """``breaker_threshold`` consecutive Redis failures open the breaker: calls then send
     nothing to Redis and are answered by the function; after ``breaker_cooldown`` one call
@@ -681,7 +604,7 @@ def test_breaker_opens_skips_redis_and_closes_after_probe(mode: Any, monkeypatch
     monkeypatch.setattr(AsyncRedis, "execute", counting_aexecute)
     server = fakeredis.FakeServer()
     raw = fakeredis.FakeRedis(server=server)
-    clock = ManualClock()
+    clock = Clock(500.0, frozen=True)
     cache = TieredCache(
         client=fakeredis.FakeRedis(server=server),
         async_client=fakeredis.FakeAsyncRedis(server=server),
@@ -707,7 +630,7 @@ def test_breaker_opens_skips_redis_and_closes_after_probe(mode: Any, monkeypatch
         assert len(sent) == before  # open: nothing sent to Redis
         assert cache.stats().backend_errors == 3
         assert loader.calls == 14
-        clock.now += 2.0  # the cooldown passed: one probe, which fails
+        clock.advance(2.0)  # the cooldown passed: one probe, which fails
         assert mode.call(f, 14) == "answer"
         assert len(sent) == before + 1
         assert cache.stats().backend_errors == 4
@@ -716,7 +639,7 @@ def test_breaker_opens_skips_redis_and_closes_after_probe(mode: Any, monkeypatch
         server.connected = True
         assert mode.call(f, 16) == "answer"
         assert raw.get(f.key(16)) is None  # still open until the next cooldown ends
-        clock.now += 2.0
+        clock.advance(2.0)
         assert mode.call(f, 17) == "answer"  # the probe succeeds ...
         assert not cache._core.breaker.is_open
         assert mode.call(f, 18) == "answer"  # ... and Redis is used again

@@ -24,36 +24,18 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule, run_state_machine_as_test
 
-from tests.conftest import FakeRedisCaches
+from tests.support import Clock, FakeRedisCaches, Loader, SyncOnly
 from tiercache import ConfigError, KeyEncodingError, TieredCache, tiered
 
 COMPUTED_IN: contextvars.ContextVar[str | None] = contextvars.ContextVar("computed_in", default=None)
 
 
-class Loader:
-    """A function body that records its calls and returns (tenant, argument, serial)."""
+SERIAL = itertools.count(1)  # shared: no two computations anywhere return equal values
 
-    _names = itertools.count(1)
-    _serial = itertools.count(1)  # shared: no two computations anywhere return equal values
 
-    def __init__(self) -> None:
-        self.calls: list[tuple[str | None, Any]] = []
-        self.name = f"loader{next(self._names)}"  # each its own function name, so its own keys
-
-    def __call__(self, x: Any, *rest: Any, **kw: Any) -> tuple[str | None, Any, int]:
-        tenant = COMPUTED_IN.get()
-        self.calls.append((tenant, x))
-        return (tenant, x, next(self._serial))
-
-    def plain(self) -> Callable[..., Any]:
-        def body(x: Any, *rest: Any, **kw: Any) -> tuple[str | None, Any, int]:
-            return self(x, *rest, **kw)
-
-        body.__name__ = body.__qualname__ = self.name
-        return body
-
-    def body(self, mode: Any) -> Callable[..., Any]:
-        return mode.fn(self.plain())
+def computed(x: Any, *rest: Any, **kw: Any) -> tuple[str | None, Any, int]:
+    """What the functions below return: (tenant it was computed in, argument, serial number)."""
+    return (COMPUTED_IN.get(), x, next(SERIAL))
 
 
 @contextlib.contextmanager
@@ -89,14 +71,14 @@ def fake(mode: Any) -> Iterator[FakePair]:
 
 def test_static_tags_invalidate_exactly_the_tagged_entries(mode: Any) -> None:
     cache = TieredCache(namespace="tags")
-    users, orders, plain = Loader(), Loader(), Loader()
-    f_users = tiered(cache, tags=["users"])(users.body(mode))
-    f_orders = tiered(cache, tags=["orders"])(orders.body(mode))
-    f_plain = tiered(cache)(plain.body(mode))
+    users, orders, plain = Loader(SyncOnly, computed), Loader(SyncOnly, computed), Loader(SyncOnly, computed)
+    f_users = tiered(cache, tags=["users"])(users.fn(mode))
+    f_orders = tiered(cache, tags=["orders"])(orders.fn(mode))
+    f_plain = tiered(cache)(plain.fn(mode))
     before = {(f, x): mode.call(f, x) for f in (f_users, f_orders, f_plain) for x in (1, 2)}
     for (f, x), value in before.items():
         assert mode.call(f, x) == value  # cached
-    assert len(users.calls) == len(orders.calls) == len(plain.calls) == 2
+    assert users.calls == orders.calls == plain.calls == 2
 
     mode.run(mode.api(cache).invalidate_tags("users"))
 
@@ -105,19 +87,19 @@ def test_static_tags_invalidate_exactly_the_tagged_entries(mode: Any) -> None:
             assert mode.call(f, x) != value  # recomputed
         else:
             assert mode.call(f, x) == value
-    assert len(users.calls) == 4
-    assert len(orders.calls) == len(plain.calls) == 2
+    assert users.calls == 4
+    assert orders.calls == plain.calls == 2
     assert mode.call(f_users, 1) == mode.call(f_users, 1)  # cached again under the new version
-    assert len(users.calls) == 4
+    assert users.calls == 4
 
 
 def test_tags_as_a_function_of_the_arguments(mode: Any) -> None:
     cache = TieredCache(namespace="tags")
-    loader = Loader()
-    f = tiered(cache, tags=lambda user, day: [f"user:{user}", f"day:{day}"])(loader.body(mode))
+    loader = Loader(SyncOnly, computed)
+    f = tiered(cache, tags=lambda user, day: [f"user:{user}", f"day:{day}"])(loader.fn(mode))
     calls = [(1, "mon"), (1, "tue"), (2, "mon"), (2, "tue")]
     first = {c: mode.call(f, *c) for c in calls}
-    assert len(loader.calls) == 4
+    assert loader.calls == 4
 
     mode.run(mode.api(cache).invalidate_tags("user:1"))
     second = {c: mode.call(f, *c) for c in calls}
@@ -138,8 +120,8 @@ def test_tags_as_a_function_of_the_arguments(mode: Any) -> None:
 
 def test_tags_function_may_return_a_single_name(mode: Any) -> None:
     cache = TieredCache(namespace="tags")
-    loader = Loader()
-    f = tiered(cache, tags=lambda x: f"item:{x}")(loader.body(mode))
+    loader = Loader(SyncOnly, computed)
+    f = tiered(cache, tags=lambda x: f"item:{x}")(loader.fn(mode))
     a, b = mode.call(f, "a"), mode.call(f, "b")
     mode.run(mode.api(cache).invalidate_tags("item:a"))
     assert mode.call(f, "a") != a
@@ -148,8 +130,8 @@ def test_tags_function_may_return_a_single_name(mode: Any) -> None:
 
 def test_key_of_a_tagged_call_follows_the_tag_version_and_invalidate_drops_one_entry(mode: Any) -> None:
     cache = TieredCache(namespace="tags")
-    loader = Loader()
-    f = tiered(cache, tags=["t"])(loader.body(mode))
+    loader = Loader(SyncOnly, computed)
+    f = tiered(cache, tags=["t"])(loader.fn(mode))
     key = f.key(1)
     assert key == f.key(1)
     a1, a2 = mode.call(f, 1), mode.call(f, 2)
@@ -175,16 +157,16 @@ def test_tag_and_tenant_arguments_are_validated() -> None:
 
 def test_invalidate_tags_reaches_another_cache_on_the_same_redis(mode: Any, fake: FakePair) -> None:
     a, b = fake.cache(), fake.cache()
-    loaders = [Loader(), Loader()]
+    loaders = [Loader(SyncOnly, computed), Loader(SyncOnly, computed)]
     tagged = [
-        tiered(c, name="t.f", tags=lambda x: [f"x:{x}"])(ld.body(mode)) for c, ld in zip((a, b), loaders, strict=True)
+        tiered(c, name="t.f", tags=lambda x: [f"x:{x}"])(ld.fn(mode)) for c, ld in zip((a, b), loaders, strict=True)
     ]
-    plain = [tiered(c, name="t.g")(ld.body(mode)) for c, ld in zip((a, b), loaders, strict=True)]
+    plain = [tiered(c, name="t.g")(ld.fn(mode)) for c, ld in zip((a, b), loaders, strict=True)]
     v1, v2, p1 = mode.call(tagged[0], 1), mode.call(tagged[0], 2), mode.call(plain[0], 1)
     # b reads a's values from Redis, then from its own L1
     for _ in range(2):
         assert (mode.call(tagged[1], 1), mode.call(tagged[1], 2), mode.call(plain[1], 1)) == (v1, v2, p1)
-    assert loaders[1].calls == []
+    assert loaders[1].calls == 0
     assert b.stats().l2_hits == 3
     assert b.stats().l1_hits == 3
 
@@ -197,7 +179,7 @@ def test_invalidate_tags_reaches_another_cache_on_the_same_redis(mode: Any, fake
     assert b.stats().l1_hits == hits + 2  # the untagged and the other tag's entries stayed in b's L1
     new = mode.call(tagged[1], 1)
     assert new != v1
-    assert loaders[1].calls == [(None, 1)]  # b computed it again
+    assert [r[:2] for r in loaders[1].results] == [(None, 1)]  # b computed it again
     assert mode.call(tagged[0], 1) == new  # and a reads b's new value
 
 
@@ -206,8 +188,8 @@ def test_invalidate_tags_reaches_another_cache_on_the_same_redis(mode: Any, fake
 
 def test_decorated_calls_are_isolated_per_tenant(mode: Any) -> None:
     cache = TieredCache(namespace="ten", tenants=True)
-    loader = Loader()
-    f = tiered(cache)(loader.body(mode))
+    loader = Loader(SyncOnly, computed)
+    f = tiered(cache)(loader.fn(mode))
     seen = {}
     for tenant in ("a", "b", None):
         with within(cache, tenant):
@@ -217,7 +199,7 @@ def test_decorated_calls_are_isolated_per_tenant(mode: Any) -> None:
     for tenant in ("a", "b", None):
         with within(cache, tenant):
             assert mode.call(f, 1) == seen[tenant]
-    assert len(loader.calls) == 3
+    assert loader.calls == 3
     # the keys differ too, and the shared scope's key is the plain one
     keys = set()
     for tenant in ("a", "b", None):
@@ -247,8 +229,8 @@ def test_get_set_delete_are_isolated_per_tenant(mode: Any) -> None:
 
 def test_invalidate_tenant_drops_only_that_tenants_entries(mode: Any, fake: FakePair) -> None:
     a, b = fake.cache(tenants=True), fake.cache(tenants=True)
-    loaders = [Loader(), Loader()]
-    fs = [tiered(c, name="ten.f")(ld.body(mode)) for c, ld in zip((a, b), loaders, strict=True)]
+    loaders = [Loader(SyncOnly, computed), Loader(SyncOnly, computed)]
+    fs = [tiered(c, name="ten.f")(ld.fn(mode)) for c, ld in zip((a, b), loaders, strict=True)]
     values = {}
     for tenant in ("a", "b", None):
         with within(a, tenant):
@@ -268,7 +250,7 @@ def test_invalidate_tenant_drops_only_that_tenants_entries(mode: Any, fake: Fake
     with within(a, "a"):
         fresh = mode.call(fs[0], 1)
     assert fresh != values["a"] and fresh[0] == "a"
-    assert loaders[0].calls[-1] == ("a", 1)
+    assert loaders[0].results[-1][:2] == ("a", 1)
     with within(b, "a"):
         assert mode.call(fs[1], 1) == fresh
 
@@ -292,7 +274,7 @@ def test_tenant_argument_form(mode: Any) -> None:
     included); it works on a cache without ``tenants=True`` and wins over ``cache.tenant()``."""
     for tenants in (False, True):
         cache = TieredCache(namespace="ten", tenants=tenants)
-        loader = Loader()
+        loader = Loader(SyncOnly, computed)
         f = tiered(cache, tenant=lambda org, day="mon": org)(org_body(mode, loader))
         acme, globex = mode.call(f, "acme"), mode.call(f, "globex", "tue")
         assert mode.call(f, "acme", "mon") == acme  # the same key as f("acme")
@@ -305,17 +287,17 @@ def test_tenant_argument_form(mode: Any) -> None:
         assert mode.call(f, "globex", "tue") == globex
 
     cache = TieredCache(namespace="ten")
-    shared = Loader()
-    g = tiered(cache, tenant=lambda org: org or None)(shared.body(mode))
+    shared = Loader(SyncOnly, computed)
+    g = tiered(cache, tenant=lambda org: org or None)(shared.fn(mode))
     v = mode.call(g, "")  # None: the shared scope
     mode.run(mode.api(cache).invalidate_tenant("x"))
     assert mode.call(g, "") == v
-    bad = tiered(cache, tenant=lambda org: 4.2)(shared.body(mode))
+    bad = tiered(cache, tenant=lambda org: 4.2)(shared.fn(mode))
     with pytest.raises(KeyEncodingError, match="tenant"):
         mode.call(bad, "a")
     # An integer id names the same tenant as its decimal string.
-    by_int = tiered(cache, name="by-id", tenant=lambda org: 42)(shared.body(mode))
-    by_str = tiered(cache, name="by-id", tenant=lambda org: "42")(shared.body(mode))
+    by_int = tiered(cache, name="by-id", tenant=lambda org: 42)(shared.fn(mode))
+    by_str = tiered(cache, name="by-id", tenant=lambda org: "42")(shared.fn(mode))
     assert mode.call(by_int, "a") == mode.call(by_str, "a")
 
 
@@ -334,14 +316,14 @@ ODD_TENANTS = ["{a}", "a}", "{", "}", "{}", "a:b", "with space", "ünïcødé �
 
 def test_odd_tenant_names_work_and_stay_isolated(mode: Any, fake: FakePair) -> None:
     for cache in (TieredCache(namespace="ten", tenants=True), fake.cache(tenants=True)):
-        loader = Loader()
-        f = tiered(cache, name="odd.f")(loader.body(mode))
+        loader = Loader(SyncOnly, computed)
+        f = tiered(cache, name="odd.f")(loader.fn(mode))
         values = {}
         for tenant in ODD_TENANTS:
             with within(cache, tenant):
                 values[tenant] = mode.call(f, 1)
                 mode.run(mode.api(cache).set("k", tenant))
-        assert len(loader.calls) == len(ODD_TENANTS)
+        assert loader.calls == len(ODD_TENANTS)
         for tenant in ODD_TENANTS:
             with within(cache, tenant):
                 assert mode.call(f, 1) == values[tenant]
@@ -369,7 +351,7 @@ def test_nested_tenant_blocks_restore_the_outer_tenant(mode: Any) -> None:
 
 def test_tenant_follows_asyncio_tasks() -> None:
     cache = TieredCache(namespace="ten", tenants=True)
-    loader = Loader()
+    loader = Loader(SyncOnly, computed)
 
     async def body(x: int) -> tuple[str | None, Any, int]:
         await asyncio.sleep(0.001)
@@ -397,7 +379,7 @@ def test_tenant_follows_asyncio_tasks() -> None:
         assert [r[0] for r in results] == [got["a"], got["b"], got["a"], got["b"]]
         assert [r[1] for r in results] == ["a", "b", "a", "b"]
         assert await f(1) != got["a"]  # outside any tenant: the shared scope, computed anew
-        assert len(loader.calls) == 3
+        assert loader.calls == 3
 
     asyncio.run(scenario())
     cache.close()
@@ -420,19 +402,6 @@ def test_tenant_follows_detached_loads(mode: Any, timeout: str) -> None:
         with cache.tenant(tenant):
             assert mode.call(f, 1) == f"tenant {tenant}"
     assert mode.call(f, 1) == "no tenant"
-
-
-class Clock:
-    """Real monotonic time plus an offset the test moves forward."""
-
-    def __init__(self) -> None:
-        self.offset = 10_000.0
-
-    def __call__(self) -> float:
-        return time.monotonic() + self.offset
-
-    def advance(self, seconds: float) -> None:
-        self.offset += seconds
 
 
 def test_tenant_follows_refreshes_ahead_of_expiry(mode: Any) -> None:
@@ -466,8 +435,8 @@ def test_tenant_follows_refreshes_ahead_of_expiry(mode: Any) -> None:
 
 def test_versions_unreadable_answers_from_the_function_and_caches_nothing(mode: Any, fake: FakePair) -> None:
     cache = fake.cache(tenants=True, coherent=False, breaker_threshold=1000)
-    loader = Loader()
-    f = tiered(cache, name="down.f", tags=["t"])(loader.body(mode))
+    loader = Loader(SyncOnly, computed)
+    f = tiered(cache, name="down.f", tags=["t"])(loader.fn(mode))
     fake.server.connected = False
     try:
         with within(cache, "a"):
@@ -504,8 +473,8 @@ class TenantMachine(RuleBasedStateMachine):
     @initialize()
     def start(self) -> None:
         self.caches = self.make_caches()
-        self.loader = Loader()
-        self.fs = [tiered(c, name="machine.f", tags=lambda x: [f"arg:{x}"])(self.loader.plain()) for c in self.caches]
+        self.loader = Loader(SyncOnly, computed)
+        self.fs = [tiered(c, name="machine.f", tags=lambda x: [f"arg:{x}"])(self.loader.fn()) for c in self.caches]
         self.cached: dict[tuple[str | None, Any], tuple[str | None, Any, int]] = {}
         self.stored: dict[tuple[str | None, str], Any] = {}
 
@@ -519,16 +488,16 @@ class TenantMachine(RuleBasedStateMachine):
     @rule(data=st.data(), tenant=TENANTS, x=ARGS)
     def call(self, data: Any, tenant: str | None, x: Any) -> None:
         i = self.node(data)
-        n = len(self.loader.calls)
+        n = self.loader.calls
         with within(self.caches[i], tenant):
             value = self.fs[i](x)
         assert value[0] == tenant, f"a call in tenant {tenant!r} answered with a value computed in {value[0]!r}"
         assert value[1] == x and type(value[1]) is type(x)
         if (tenant, x) in self.cached:
             assert value == self.cached[(tenant, x)]
-            assert len(self.loader.calls) == n
+            assert self.loader.calls == n
         else:
-            assert len(self.loader.calls) == n + 1, "expected a fresh computation"
+            assert self.loader.calls == n + 1, "expected a fresh computation"
             self.cached[(tenant, x)] = value
 
     @rule(data=st.data(), tenant=TENANTS, k=st.sampled_from(["k", "{k}"]), v=st.integers(0, 9))

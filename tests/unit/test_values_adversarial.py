@@ -27,7 +27,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import FakeRedisCaches, Mode
+from tests.support import FakeRedisCaches, Mode
 from tiercache import CodecError, ConfigError, MsgpackSerializer, tiered, tiered_batch
 from tiercache._codec import Codec
 
