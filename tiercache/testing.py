@@ -1,27 +1,12 @@
 """An in-memory Redis (L2 and invalidation bus) for your own tests, with fault injection.
 
 ``MemoryRedis`` stands in for a Redis deployment the way httpx's ``MockTransport`` stands in
-for a server: caches made by ``backend.cache(...)`` are real :class:`~tiercache.TieredCache`
-objects (sync and async), wired to one in-memory server (fakeredis, with lupa running the Lua
-scripts), so they share entries and keep each other's L1 coherent over its pub/sub, as
-processes do over Redis. No socket is opened. Faults are injected where a network would put
-them, so the caches react through their real code paths::
-
-    from tiercache.testing import MemoryRedis
-
-    backend = MemoryRedis()
-    app = backend.cache(namespace="app")     # a TieredCache, ready() done
-    other = backend.cache(namespace="app")   # "another process"
-    backend.down()                           # every command fails: the caches fail open
-    backend.up()                             # back; returns once both are resubscribed
-    backend.partition(other)                 # only `other` loses Redis and its bus
-    backend.heal(other)
-    backend.drop_messages(1)                 # the next invalidation never arrives
-    backend.hold_messages()                  # invalidations wait ...
-    backend.restore_messages()               # ... until now
-    backend.close()
-
-Needs the ``testing`` extra: ``pip install 'tiercache[testing]'``.
+for a server: the caches it makes are real :class:`~tiercache.TieredCache` objects (sync and
+async) on one in-memory server (fakeredis; lupa runs the Lua scripts), coherent over its
+pub/sub as processes are over Redis, and no socket is opened. Faults (Redis down, one cache
+partitioned, bus messages dropped, held or delayed) are injected where a network would put
+them, so the caches react through their real code paths. See docs/testing.md. Needs the
+``testing`` extra: ``pip install 'tiercache[testing]'``.
 """
 
 from __future__ import annotations
@@ -37,21 +22,6 @@ from collections.abc import Iterable, Iterator
 from types import TracebackType
 from typing import Any, ClassVar, NoReturn
 
-try:
-    import fakeredis
-    from fakeredis._core import FakeSelector
-    from fakeredis._socket import AsyncFakeSocket, FakeSocket
-    from fakeredis.aioredis import FakeAsyncRedisConnection, FakeReader, FakeWriter
-except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError(
-        "tiercache.testing needs fakeredis and lupa: install the testing extra, pip install 'tiercache[testing]'"
-    ) from exc
-if importlib.util.find_spec("lupa") is None:  # pragma: no cover - fakeredis runs Lua scripts with lupa
-    raise ImportError(
-        "tiercache.testing needs lupa (fakeredis runs tiercache's Lua scripts with it): install the testing "
-        "extra, pip install 'tiercache[testing]'"
-    )
-
 import redis
 import redis.asyncio
 from redis.asyncio.retry import Retry as AsyncRetry
@@ -60,6 +30,17 @@ from redis.retry import Retry
 
 from ._cache import TieredCache
 from .errors import ConfigError
+
+_MISSING_EXTRA = "tiercache.testing needs fakeredis and lupa: install the extra, pip install 'tiercache[testing]'"
+try:
+    import fakeredis
+    from fakeredis._core import FakeSelector
+    from fakeredis._socket import AsyncFakeSocket, FakeSocket
+    from fakeredis.aioredis import FakeAsyncRedisConnection, FakeReader, FakeWriter
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(_MISSING_EXTRA) from exc
+if importlib.util.find_spec("lupa") is None:  # pragma: no cover - fakeredis runs the Lua scripts with it
+    raise ImportError(_MISSING_EXTRA)
 
 __all__ = ["MemoryRedis"]
 
@@ -202,25 +183,14 @@ class _AsyncConnection(FakeAsyncRedisConnection):
 class MemoryRedis:
     """One in-memory Redis server (L2 and the pub/sub bus) and the caches wired to it.
 
-    Each cache made by :meth:`cache` is a node: "a process". Faults apply to the caches'
-    connections, never to :attr:`redis`, a plain client for the test to look at, seed or
-    change Redis with, whatever is broken.
-
-    - :meth:`down` / :meth:`up` (or ``with backend.outage():``): Redis is unreachable for every
-      node: connections are refused, the subscribers' connections reset, so every cache fails
-      open and turns L1 to its ``outage_l1_ttl`` regime, as with a crashed Redis.
-    - :meth:`partition` / :meth:`heal`: the same for some nodes only.
-    - :meth:`drop_messages`: bus messages (invalidations, fill announcements) lost on their way
-      to the subscribers: the next message a cache does get shows a gap in the sequence
-      numbers, and it flushes its L1.
-    - :meth:`hold_messages` / :meth:`delay_messages`: what the server sends to the subscribers
-      (messages and replies alike, in order, like a slow link) arrives when
-      :meth:`restore_messages` is called, or that many seconds late. A cache serves what it
-      has until then; past half its ``staleness_bound`` its health check (an unanswered PING)
-      gives the connection up and flushes L1, which is the guarantee at work.
-
-    ``down``, ``up``, ``partition`` and ``heal`` return once every affected cache has noticed
-    (its subscriber lost, or subscribed again), so a test can assert right after them.
+    Each cache made by :meth:`cache` is a node, "a process". Faults apply to the caches'
+    connections, never to :attr:`redis`, a plain client for the test to look at, seed or change
+    Redis with. :meth:`down`/:meth:`up` and :meth:`partition`/:meth:`heal` make Redis
+    unreachable (refused, subscribers reset) for every cache or some; :meth:`drop_messages`
+    loses bus messages; :meth:`hold_messages`/:meth:`delay_messages` make what the server sends
+    to the subscribers (messages and replies alike, in order, like a slow link) late, until
+    :meth:`restore_messages`. ``down``, ``up``, ``partition`` and ``heal`` return once every
+    affected cache has noticed (its subscriber lost, or subscribed again). See docs/testing.md.
 
     Args:
         version: the Redis version the server reports.
