@@ -6,14 +6,11 @@ from __future__ import annotations
 import importlib
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import Mode
-from tests.stampede_support import Clock
+from tests.support import Clock, Mode, eventually
 from tiercache import ConfigError, TieredCache, tiered
 from tiercache.testing import MemoryRedis
 
@@ -28,15 +25,6 @@ def memory(mode: Mode) -> Iterator[MemoryRedis]:
         mode.run(backend.aclose())
     else:
         backend.close()
-
-
-def until(mode: Mode, check: Callable[[], Any], what: str, timeout: float = 5.0) -> None:
-    """Poll ``check()`` (awaited in async mode) until it is truthy."""
-    deadline = time.monotonic() + timeout
-    while not mode.run(check()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 def test_caches_share_redis_and_stay_coherent(mode: Mode, memory: MemoryRedis) -> None:
@@ -144,7 +132,8 @@ def test_held_messages_leave_a_node_stale_until_restored(mode: Mode, memory: Mem
     assert mode.run(mode.api(a).get("k")) == "new"  # a is not held
     assert mode.run(mode.api(b).get("k")) == "old"  # stale until delivered
     memory.restore_messages()
-    until(mode, lambda: _eq(mode.api(b).get("k"), "new"), "b to read the new value")
+    eventually(lambda: b.get("k") == "new", "the held invalidation to reach b")
+    assert mode.run(mode.api(b).get("k")) == "new"
     assert b.stats().bus_gaps == 0  # nothing was lost, only late
 
 
@@ -156,7 +145,8 @@ def test_delayed_messages_arrive_late_and_in_order(mode: Mode, memory: MemoryRed
     for i in (1, 2, 3):
         mode.run(mode.api(a).set("k", i))
     assert mode.run(mode.api(b).get("k")) == 0  # stale until delivered
-    until(mode, lambda: _eq(mode.api(b).get("k"), 3), "the delayed invalidations to reach b")
+    eventually(lambda: b.get("k") == 3, "the delayed invalidations to reach b")
+    assert mode.run(mode.api(b).get("k")) == 3
     assert b.stats().bus_gaps == 0  # late, in order, none lost
 
 
@@ -168,10 +158,10 @@ def test_a_held_link_fails_the_health_check(mode: Mode, memory: MemoryRedis) -> 
     assert mode.run(mode.api(b).get("k")) == "old"
     memory.hold_messages(to=b)
     mode.run(mode.api(a).set("k", "new"))
-    until(mode, lambda: _eq(b.stats().bus_connected, False), "b's health check to give the link up")
+    eventually(lambda: b.stats().bus_connected is False, "b's health check to give the link up")
     assert mode.run(mode.api(b).get("k")) == "new"  # L1 flushed: read from Redis
     memory.restore_messages()
-    until(mode, lambda: _eq(b.ready(0), True), "b to resubscribe")
+    eventually(lambda: b.ready(0), "b to resubscribe")
 
 
 def test_bad_arguments_say_what_to_do(memory: MemoryRedis) -> None:
@@ -206,14 +196,3 @@ def test_missing_extra_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_importing_tiercache_does_not_import_fakeredis() -> None:
     code = "import sys, tiercache; assert 'fakeredis' not in sys.modules and 'tiercache.testing' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
-
-
-async def _eq_async(value: Any, expected: Any) -> bool:
-    return bool((await value) == expected)
-
-
-def _eq(value: Any, expected: Any) -> Any:
-    """``value == expected``, awaiting ``value`` first when it is awaitable (async mode)."""
-    if hasattr(value, "__await__"):
-        return _eq_async(value, expected)
-    return value == expected
