@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.support import Clock, Gate, Joined, Mode, RedisServer
+from tests.support import Clock, FakeRedisCaches, Gate, Joined, Mode, RedisCaches, RedisServer
 from tiercache._flight import Flight
 
 
@@ -40,6 +40,19 @@ def mode(request: pytest.FixtureRequest) -> Iterator[Mode]:
     m = Mode(request.param)
     yield m
     m.close()
+
+
+@pytest.fixture(params=["fakeredis", pytest.param("redis", marks=pytest.mark.redis)])
+def backend(request: pytest.FixtureRequest, mode: Mode, namespace: str) -> Iterator[FakeRedisCaches]:
+    """The Redis a scenario written once runs on: fakeredis, or the session's real redis-server
+    (in this test's namespace). ``backend.cache(**kwargs)`` makes a subscribed cache, closed at
+    teardown; ``backend.raw`` looks behind the caches."""
+    if request.param == "fakeredis":
+        deployment = FakeRedisCaches(mode, namespace)
+    else:
+        deployment = RedisCaches(mode, namespace, request.getfixturevalue("redis_server"))
+    yield deployment
+    deployment.close()
 
 
 @pytest.fixture

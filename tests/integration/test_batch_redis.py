@@ -1,6 +1,7 @@
 """``@tiered_batch`` on a real redis-server: the round trips a batch costs (counted at the
-driver and with ``INFO commandstats``), what other caches and processes read of it, leases
-given back on failure, numpy arrays through Redis, values over ``max_value_bytes``.
+driver and with ``INFO commandstats``), what other caches and processes read of it. (Leases
+given back on failure, numpy arrays through Redis and ``max_value_bytes``, on fakeredis and
+real Redis: test_batch_backends.py.)
 
 (Named ``..._redis.py``: ``tests/unit/test_batch.py`` already takes the basename, and the test
 directories are not packages.)"""
@@ -17,13 +18,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import redis
 
 from tests.support import RedisServer, eventually, ready
 from tiercache import TieredCache, tiered_batch
-from tiercache._remote import LEASE_PREFIX
 from tiercache._sync import SyncRedis
 
 pytestmark = pytest.mark.redis
@@ -98,11 +97,6 @@ def new_cache(redis_server: RedisServer, namespace: str) -> Iterator[Callable[..
     yield make
     for cache in made:
         cache.close()
-
-
-def markers(raw: redis.Redis, namespace: str) -> list[bytes]:
-    keys = raw.keys(f"tc:{namespace}:v1:*".encode())
-    return [k for k in keys if (raw.get(k) or b"").startswith(LEASE_PREFIX)]
 
 
 def test_a_batch_costs_two_round_trips_with_misses_one_with_l2_hits_none_from_l1(
@@ -251,57 +245,3 @@ def test_other_caches_and_processes_read_what_a_batch_stored(
     there = in_another_process(redis_server.url, namespace, ["b", "a", "d"])
     assert there["values"] == ["v:b", "v:a", "other:d"]  # a: other's new value; d: computed again
     assert there["computed"] == [["d"]]
-
-
-def test_a_raising_or_miscounting_function_leaves_no_lease(
-    raw: redis.Redis, namespace: str, new_cache: Callable[..., TieredCache]
-) -> None:
-    cache = new_cache()
-    emb = Embedder()
-    f = tiered_batch(cache, name="fail.embed")(emb)
-    f(["a"])
-    emb.fail = RuntimeError("quota")
-    with pytest.raises(RuntimeError, match="quota"):
-        f(["a", "b", "c"])
-    assert markers(raw, namespace) == []
-    emb.fail = None
-    wrong = tiered_batch(cache, name="fail.wrong")(lambda items: items[:1])
-    with pytest.raises(TypeError, match=r"<lambda> returned 1 results for 2 items"):
-        wrong(["x", "y"])
-    assert markers(raw, namespace) == []
-    keys = raw.keys(f"tc:{namespace}:v1:*".encode())
-    assert [k.decode() for k in keys] == f.keys(["a"])  # only what succeeded
-    assert f(["b", "a"]) == ["v:b", "v:a"] and emb.batches[-1] == ["b"]
-
-
-def test_numpy_arrays_through_redis(raw: redis.Redis, namespace: str, new_cache: Callable[..., TieredCache]) -> None:
-    writer, reader = new_cache(), new_cache()
-    rng = np.random.default_rng(7)
-    table = {i: rng.standard_normal((2, 16)).astype(np.float32) for i in ("a", "b", "c")}
-    table["obj"] = np.array([object()], dtype=object)
-    emb_w, emb_r = Embedder(table.__getitem__), Embedder(table.__getitem__)
-    fw = tiered_batch(writer, name="np.embed")(emb_w)
-    fr = tiered_batch(reader, name="np.embed")(emb_r)
-    out = fw(["a", "b", "obj", "c"])
-    assert out[2] is table["obj"]
-    assert writer.stats().not_cached == 1
-    got = fr(["c", "b", "a"])
-    assert emb_r.batches == []
-    for item, arr in zip(["c", "b", "a"], got, strict=True):
-        assert arr.dtype == np.float32 and arr.shape == (2, 16)
-        assert arr.tobytes() == table[item].tobytes()
-        assert not arr.flags.writeable
-    assert fr(["obj"])[0] is table["obj"] and emb_r.batches == [["obj"]]  # never stored
-    assert raw.get(fw.keys(["obj"])[0]) is None
-    assert markers(raw, namespace) == []
-
-
-def test_values_over_max_value_bytes(raw: redis.Redis, namespace: str, new_cache: Callable[..., TieredCache]) -> None:
-    cache = new_cache(max_value_bytes=100, compression=None)
-    emb = Embedder(lambda item: item * 200)
-    f = tiered_batch(cache, name="big.embed")(emb)
-    assert f(["x", "yy"]) == ["x" * 200, "yy" * 200]
-    assert cache.stats().not_cached == 2
-    assert raw.keys(f"tc:{namespace}:v1:*".encode()) == []
-    assert f(["x"]) == ["x" * 200]
-    assert emb.batches == [["x", "yy"], ["x"]]

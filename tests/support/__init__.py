@@ -5,8 +5,8 @@ Fixtures built on these live in ``tests/conftest.py`` (``clock``, ``gate``, ``jo
 ``redis_server``, ``own_redis``) and ``tests/integration/conftest.py`` (``make_cache``, ``raw``)."""
 
 from tests.support.clock import Clock
-from tests.support.loader import AsyncOnly, Boom, Loader, Pause, SyncOnly
-from tests.support.modes import FakeRedisCaches, Mode
+from tests.support.loader import AsyncOnly, Boom, Embedder, Loader, Pause, SyncOnly
+from tests.support.modes import FakeRedisCaches, Mode, RedisCaches
 from tests.support.redis_server import RedisServer, free_port, named_clients, named_url, other_clients, ready
 from tests.support.waiting import WAIT, Gate, Joined, Mark, aeventually, crowd, eventually
 
@@ -15,6 +15,7 @@ __all__ = [
     "AsyncOnly",
     "Boom",
     "Clock",
+    "Embedder",
     "FakeRedisCaches",
     "Gate",
     "Joined",
@@ -22,6 +23,7 @@ __all__ = [
     "Mark",
     "Mode",
     "Pause",
+    "RedisCaches",
     "RedisServer",
     "SyncOnly",
     "aeventually",

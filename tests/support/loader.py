@@ -118,3 +118,39 @@ class Loader:
 
         load.__name__ = load.__qualname__ = self.name
         return load
+
+
+class Embedder:
+    """A batch function's body (``@tiered_batch``): records each batch it is given; results name
+    model and item (or are ``result(item, model)``); ``fail`` makes the next batches raise it."""
+
+    def __init__(self, result: Callable[[Any, str], Any] | None = None) -> None:
+        self.batches: list[list[Any]] = []
+        self.result = result or (lambda item, model: f"{model}:{item!r}")
+        self.fail: BaseException | None = None
+        self.during: Callable[[], Any] | None = None
+
+    def compute(self, items: list[Any], model: str) -> list[Any]:
+        self.batches.append(list(items))
+        if self.fail is not None:
+            raise self.fail
+        return [self.result(item, model) for item in items]
+
+    def function(self, mode: Any) -> Callable[..., Any]:
+        """``embed(items, model="m1")``, sync or async as ``mode`` says."""
+        if mode.is_async:
+
+            async def embed(items: list[Any], model: str = "m1") -> list[Any]:
+                await asyncio.sleep(0)
+                if self.during is not None:
+                    await self.during()
+                return self.compute(items, model)
+
+            return embed
+
+        def embed(items: list[Any], model: str = "m1") -> list[Any]:  # type: ignore[no-redef]
+            if self.during is not None:
+                self.during()
+            return self.compute(items, model)
+
+        return embed

@@ -80,3 +80,29 @@ class FakeRedisCaches:
                 self.mode.run(cache.aclose())  # closes the async pool of the mode's loop too
             else:
                 cache.close()
+
+
+class RedisCaches(FakeRedisCaches):
+    """:class:`FakeRedisCaches` on a real redis-server (the session's, in the test's namespace):
+    the same ``raw``, ``cache(**kwargs)`` and ``close()``, so a scenario is written once for both
+    (the ``backend`` fixture)."""
+
+    def __init__(self, mode: Mode, namespace: str, server: Any, **defaults: Any) -> None:
+        self.mode = mode
+        self.namespace = namespace
+        self.defaults = defaults
+        self.url: str = server.url
+        self.raw = server.client()
+        self.caches = []
+
+    def cache(self, **kwargs: Any) -> Any:
+        from tiercache import TieredCache
+
+        cache = TieredCache(self.url, **{"namespace": self.namespace, **self.defaults, **kwargs})
+        self.caches.append(cache)
+        assert cache.ready(10), "the cache's invalidation subscriber did not subscribe within 10 s"
+        return cache
+
+    def close(self) -> None:
+        super().close()
+        self.raw.close()

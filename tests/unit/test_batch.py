@@ -1,57 +1,22 @@
 """``@tiered_batch`` on L1-only caches and fakeredis: partial hits, duplicates, other
-arguments in the keys, failures (the error propagates, nothing is cached, leases are given
-back), wrong result counts, numpy arrays, values over ``max_value_bytes``, sync and async."""
+arguments in the keys, wrong result counts, numeric numpy arrays, sync and async. (Failures,
+numpy through Redis and ``max_value_bytes``: tests/integration/test_batch_backends.py, on
+fakeredis and real Redis.)"""
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
 
-from tests.support import FakeRedisCaches, Joined
+from tests.support import Embedder, FakeRedisCaches, Joined
 from tiercache import ConfigError, TieredCache, tiered_batch
 from tiercache._remote import LEASE_PREFIX
-
-
-class Embedder:
-    """A batch function's body: records each batch it is given; results name model and item."""
-
-    def __init__(self, result: Callable[[Any, str], Any] | None = None) -> None:
-        self.batches: list[list[Any]] = []
-        self.result = result or (lambda item, model: f"{model}:{item!r}")
-        self.fail: BaseException | None = None
-        self.during: Callable[[], Any] | None = None
-
-    def compute(self, items: list[Any], model: str) -> list[Any]:
-        self.batches.append(list(items))
-        if self.fail is not None:
-            raise self.fail
-        return [self.result(item, model) for item in items]
-
-    def function(self, mode: Any) -> Callable[..., Any]:
-        """``embed(items, model="m1")``, sync or async as ``mode`` says."""
-        if mode.is_async:
-
-            async def embed(items: list[Any], model: str = "m1") -> list[Any]:
-                await asyncio.sleep(0)
-                if self.during is not None:
-                    await self.during()
-                return self.compute(items, model)
-
-            return embed
-
-        def embed(items: list[Any], model: str = "m1") -> list[Any]:  # type: ignore[misc]
-            if self.during is not None:
-                self.during()
-            return self.compute(items, model)
-
-        return embed
 
 
 class Fake(FakeRedisCaches):
@@ -150,21 +115,6 @@ def test_keys_and_invalidate_work_per_item(mode: Any, cache: TieredCache) -> Non
     assert emb.batches[-1] == ["a", "c"]
 
 
-def test_a_raising_function_caches_nothing_and_gives_its_leases_back(mode: Any, cache: TieredCache, fake: Fake) -> None:
-    emb = Embedder()
-    f = tiered_batch(cache)(emb.function(mode))
-    mode.call(f, ["a"])
-    emb.fail = ValueError("model overloaded")
-    with pytest.raises(ValueError, match="model overloaded"):
-        mode.call(f, ["a", "b", "c"])
-    assert emb.batches[-1] == ["b", "c"]
-    assert fake.markers() == []
-    assert cache.stats().load_errors == 1
-    emb.fail = None
-    assert mode.call(f, ["b", "a", "c"]) == ["m1:'b'", "m1:'a'", "m1:'c'"]
-    assert emb.batches[-1] == ["b", "c"]  # nothing of the failed call was kept
-
-
 @pytest.mark.parametrize("bad", [["only one"], [], "xy", None, {"a": 1}, 3])
 def test_wrong_number_of_results_is_a_type_error_naming_the_function(
     mode: Any, cache: TieredCache, fake: Fake, bad: Any
@@ -238,46 +188,7 @@ def test_another_processes_lease_is_respected(mode: Any, fake: Fake) -> None:
     assert emb.batches == [["a", "b"]]
 
 
-def test_values_over_max_value_bytes_are_returned_not_cached(mode: Any, fake: Fake) -> None:
-    for cache in (
-        TieredCache(namespace="batch", max_value_bytes=200, compression=None),
-        fake.cache(max_value_bytes=200, compression=None),
-    ):
-        emb = Embedder(lambda item, model: item * 300 if item.startswith("big") else item)
-        f = tiered_batch(cache)(emb.function(mode))
-        assert mode.call(f, ["big1", "s", "big2"]) == ["big1" * 300, "s", "big2" * 300]
-        assert cache.stats().not_cached == 2
-        assert mode.call(f, ["s", "big1", "big2"]) == ["s", "big1" * 300, "big2" * 300]
-        assert emb.batches == [["big1", "s", "big2"], ["big1", "big2"]]
-        assert cache.stats().not_cached == 4
-    assert fake.markers() == []
-    assert len(fake.values()) == 1  # only "s" reached Redis
-
-
 # -- numpy ------------------------------------------------------------------------------------
-
-
-def vectors(item: Any, model: str) -> Any:
-    rng = np.random.default_rng(abs(hash((item, model))) % 2**32)
-    return rng.standard_normal(8).astype(np.float32)
-
-
-def test_numpy_arrays_round_trip_through_redis(mode: Any, fake: Fake) -> None:
-    writer, reader = fake.cache(), fake.cache()
-    emb_w, emb_r = Embedder(vectors), Embedder(vectors)
-    fw = tiered_batch(writer, name="emb")(emb_w.function(mode))
-    fr = tiered_batch(reader, name="emb")(emb_r.function(mode))
-    items = ["a", "b", "c"]
-    computed = mode.call(fw, items)
-    read = mode.call(fr, items)
-    assert emb_r.batches == []
-    assert reader.stats().l2_hits == 3
-    for c, r in zip(computed, read, strict=True):
-        assert isinstance(r, np.ndarray)
-        assert r.dtype == np.float32 and r.shape == (8,)
-        assert r.tobytes() == c.tobytes()  # bit for bit
-        assert r.flags.writeable == c.flags.writeable  # as the function returned it: L1 and L2 agree
-    assert mode.call(fr, ["b"])[0] is read[1]  # from the reader's L1 now: the same array
 
 
 @pytest.mark.parametrize(
@@ -301,19 +212,6 @@ def test_numeric_arrays_keep_dtype_shape_and_values(mode: Any, fake: Fake, array
     (got,) = mode.call(fr, ["x"])
     assert got.dtype == array.dtype and got.shape == array.shape
     assert got.tobytes() == np.ascontiguousarray(array).tobytes()
-
-
-def test_object_arrays_are_refused_but_returned(mode: Any, fake: Fake) -> None:
-    cache = fake.cache()
-    objects = np.array([{"a": 1}, None], dtype=object)
-    emb = Embedder(lambda item, model: objects if item == "obj" else np.ones(2, dtype=np.float32))
-    f = tiered_batch(cache)(emb.function(mode))
-    got = mode.call(f, ["obj", "num"])
-    assert got[0] is objects
-    assert cache.stats().not_cached == 1
-    assert len(fake.values()) == 1 and fake.markers() == []
-    mode.call(f, ["obj", "num"])
-    assert emb.batches == [["obj", "num"], ["obj"]]
 
 
 # -- tenants ------------------------------------------------------------------------------------
