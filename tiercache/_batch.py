@@ -16,8 +16,8 @@ import inspect
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, ParamSpec, TypeVar
 
-from . import _async, _batchread, _scope, _sync, _write
-from ._cache import TieredCache, _positive
+from . import _batchread, _scope, _write
+from ._cache import TieredCache, _positive, engine_of
 from ._coherence import WriteResult
 from ._keys import callable_name, canonical_bytes, claim_prefix, digest, function_prefix, scoped_key
 from ._policy import Policy
@@ -48,7 +48,8 @@ class BatchFunction(Generic[P, T]):
     def __init__(self, fn: Callable[..., Any], cache: TieredCache, policy: Policy, prefix: str) -> None:
         self._fn = fn
         self._cache = cache
-        self._core = cache._core
+        self._engine = engine_of(cache)
+        self._core = self._engine.core
         self._policy = policy
         self._prefix = prefix
         try:
@@ -95,7 +96,7 @@ class BatchFunction(Generic[P, T]):
 
     def _scoped_keys(self, distinct: list[str]) -> Flow[list[str] | None]:
         """The keys in the current tenant's scope (if any); None when its version cannot be read."""
-        tenant, names = self._cache._tenant_scope()
+        tenant, names = self._engine.tenant_scope()
         if not names:
             return distinct
         versions = yield from _scope.versions(self._core, names)
@@ -114,18 +115,20 @@ class BatchFunction(Generic[P, T]):
         flow = self._flow(distinct, items)
         if self._is_async:
             return self._acall(keys, flow, call)  # type: ignore[return-value]
-        results = _sync.drive(flow, self._cache._sync, call)
+        results = self._engine.run(flow, call)
         return [results[k] for k in keys]  # type: ignore[return-value]
 
-    async def _acall(self, keys: list[str], flow: Any, call: Callable[[list[Any]], Awaitable[Any]]) -> list[Any]:
-        results = await _async.drive(flow, self._cache._async, call)
+    async def _acall(
+        self, keys: list[str], flow: Flow[dict[str, Any]], call: Callable[[list[Any]], Awaitable[Any]]
+    ) -> list[Any]:
+        results = await self._engine.arun(flow, call)
         return [results[k] for k in keys]
 
     def keys(self, *args: P.args, **kwargs: P.kwargs) -> list[str]:
         """The Redis key of each item of this call (in the current tenant's scope, whose
         version may take a round trip to read)."""
         keys, distinct = self._prepare(args, kwargs)[:2]
-        scoped: list[str] | None = _sync.drive(self._scoped_keys(distinct), self._cache._sync, None)
+        scoped = self._engine.run(self._scoped_keys(distinct))
         if scoped is None:
             raise BackendError("the tenant's version cannot be read from Redis")
         mapping = dict(zip(distinct, scoped, strict=True))
@@ -137,9 +140,8 @@ class BatchFunction(Generic[P, T]):
         ``cache.invalidate(*f.keys(items), wait=True)``."""
         flow = self._invalidate_flow(self._prepare(args, kwargs)[1])
         if self._is_async:
-            return _async.drive(flow, self._cache._async, None)
-        result: WriteResult = _sync.drive(flow, self._cache._sync, None)
-        return result
+            return self._engine.arun(flow)
+        return self._engine.run(flow)
 
     def _invalidate_flow(self, distinct: list[str]) -> Flow[WriteResult]:
         keys = yield from self._scoped_keys(distinct)
@@ -177,7 +179,7 @@ def tiered_batch(
         if not callable(fn):
             raise ConfigError(f"@tiered_batch needs a function, got {fn!r}")
         qualname = callable_name(fn)
-        core = cache._core
+        core = engine_of(cache).core
         policy = Policy(
             qualname,
             core.ttl if ttl is None else ttl,

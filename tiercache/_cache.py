@@ -9,7 +9,6 @@ import inspect
 import logging
 import math
 import os
-import re
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -22,16 +21,16 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from . import _async, _read, _scope, _sync, _write
+from . import _async, _sync
 from ._codec import Codec, MsgpackSerializer
 from ._coherence import WriteResult
 from ._core import Core
-from ._keys import FORMAT_VERSION, validate_namespace, version_key
+from ._engine import Engine
+from ._keys import validate_namespace, version_key
 from ._local import LocalCache
 from ._metrics import CacheStats
-from ._steps import Flow
 from ._types import MISSING, Serializer
-from .errors import ConfigError, KeyEncodingError
+from .errors import ConfigError
 
 __all__ = ["AsyncCacheView", "TieredCache"]
 
@@ -203,6 +202,7 @@ class TieredCache:
             breaker_threshold=breaker_threshold,
             breaker_cooldown=breaker_cooldown,
         )
+        self._engine = Engine(self._core, self._sync, self._async, self._tenant_var)
         self._staleness_bound = staleness_bound
         self._core.local.outage_ttl = staleness_bound if outage_l1_ttl is None else outage_l1_ttl
         self._closed = False
@@ -246,7 +246,7 @@ class TieredCache:
 
     def get(self, key: str, default: Any = None) -> Any:
         """The value stored under ``key`` (from L1, else Redis), or ``default``."""
-        value = _sync.drive(self._get_flow(key), self._sync, None)
+        value = self._engine.run(self._engine.get(key))
         return default if value is MISSING else value
 
     def set(
@@ -268,12 +268,11 @@ class TieredCache:
             CodecError: the serializer cannot encode ``value`` (or it is above max_value_bytes).
         """
         _positive("ttl", ttl, optional=True)
-        flow = self._set_flow(key, value, ttl, l1_ttl, self._wait(wait, timeout))
-        return _sync.drive(flow, self._sync, None)
+        return self._engine.run(self._engine.set(key, value, ttl, l1_ttl, self._wait(wait, timeout)))
 
     def delete(self, *keys: str, wait: bool = False, timeout: float | None = None) -> WriteResult:
         """Remove ``keys`` from Redis and L1, and from every other process's L1 (see ``set`` for ``wait``)."""
-        return _sync.drive(self._delete_flow(keys, self._wait(wait, timeout)), self._sync, None)
+        return self._engine.run(self._engine.delete(keys, self._wait(wait, timeout)))
 
     def invalidate_tags(self, *tags: str, wait: bool = False, timeout: float | None = None) -> WriteResult:
         """Invalidate every entry of every function decorated with any of ``tags``, in every
@@ -284,21 +283,19 @@ class TieredCache:
             ``@tiered(cache, tags=lambda user_id: [f"user:{user_id}"])`` on every function
             about a user; ``cache.invalidate_tags("user:42")`` after user 42 changed.
         """
-        flow = _scope.bump(self._core, self._version_keys("tag", tags), self._wait(wait, timeout))
-        return _sync.drive(flow, self._sync, None)
+        return self._engine.run(self._engine.bump("tag", tags, self._wait(wait, timeout)))
 
     def clear(self, wait: bool = False, timeout: float | None = None) -> WriteResult:
         """Drop every entry of this namespace (decorated functions, ``cache.set`` keys, every
         tenant), in Redis and in every process's L1, in O(1): the namespace moves to a new
         generation, so every key changes, and the old entries expire by their TTL. See
         ``set`` for ``wait``. (A ``coherent=False`` process learns of it when it restarts.)"""
-        return _sync.drive(_scope.clear(self._core, self._wait(wait, timeout)), self._sync, None)
+        return self._engine.run(self._engine.clear(self._wait(wait, timeout)))
 
     def invalidate_tenant(self, tenant: str, wait: bool = False, timeout: float | None = None) -> WriteResult:
         """Invalidate every entry of ``tenant`` (decorated calls and ``cache.get/set`` keys made
         in its scope), in every process, in O(1)."""
-        flow = _scope.bump(self._core, self._version_keys("tenant", (tenant,)), self._wait(wait, timeout))
-        return _sync.drive(flow, self._sync, None)
+        return self._engine.run(self._engine.bump("tenant", (tenant,), self._wait(wait, timeout)))
 
     @contextlib.contextmanager
     def tenant(self, tenant: str) -> Iterator[None]:
@@ -317,51 +314,6 @@ class TieredCache:
         finally:
             self._tenant_var.reset(token)
 
-    # -- flows shared by the sync methods and cache.aio --------------------------------------
-
-    def _tenant_scope(self) -> tuple[str | None, list[str]]:
-        """The current tenant and the version key its scope depends on (none outside a tenant)."""
-        tenant = None if self._tenant_var is None else self._tenant_var.get()
-        return tenant, [] if tenant is None else [version_key(self.namespace, "tenant", tenant)]
-
-    def _user(self, key: str) -> tuple[str, str | None, list[str]]:
-        return (self._core.keyspace.user_key(key), *self._tenant_scope())
-
-    def _version_keys(self, kind: str, names: tuple[str, ...]) -> list[str]:
-        return [version_key(self.namespace, kind, n) for n in names]
-
-    def _get_flow(self, key: str) -> Flow[Any]:
-        base, tenant, names = self._user(key)
-        core = self._core
-        if not names:
-            return _read.get(core, base)
-        return _scope.in_scope(core, base, tenant, names, lambda k: _read.get(core, k), MISSING)
-
-    def _set_flow(
-        self, key: str, value: Any, ttl: float | None, l1_ttl: float | None, wait: float | None
-    ) -> Flow[WriteResult]:
-        base, tenant, names = self._user(key)
-        core = self._core
-        if not names:
-            return _write.store(core, base, value, ttl, l1_ttl, wait)
-        return _scope.in_scope(
-            core,
-            base,
-            tenant,
-            names,
-            lambda k: _write.store(core, k, value, ttl, l1_ttl, wait),
-            WriteResult(None, None, None),
-        )
-
-    def _delete_flow(self, keys: tuple[str, ...], wait: float | None) -> Flow[WriteResult]:
-        resolved = []
-        for key in keys:
-            base, tenant, names = self._user(key)
-            scoped = yield from _scope.scope_key(self._core, base, tenant, names)
-            if scoped is not None:
-                resolved.append(scoped)
-        return (yield from _write.delete(self._core, resolved, wait))
-
     def invalidate(self, *redis_keys: str, wait: bool = False, timeout: float | None = None) -> WriteResult:
         """Remove entries by their Redis keys (``f.key(...)`` of a decorated function) from Redis
         and from the L1 of every process; see ``set`` for ``wait``.
@@ -370,8 +322,7 @@ class TieredCache:
             ``cache.invalidate(get_user.key(42), wait=True)`` returns once every process has
             dropped its copy of ``get_user(42)``.
         """
-        flow = _write.delete(self._core, self._own(redis_keys), self._wait(wait, timeout))
-        return _sync.drive(flow, self._sync, None)
+        return self._engine.run(self._engine.invalidate(redis_keys, self._wait(wait, timeout)))
 
     def stats(self) -> CacheStats:
         """Counters and sizes of this cache in this process."""
@@ -430,16 +381,6 @@ class TieredCache:
     ) -> None:
         await self.aclose()
 
-    def _own(self, redis_keys: tuple[str, ...]) -> tuple[str, ...]:
-        own = re.compile(re.escape(f"tc:{self.namespace}:{FORMAT_VERSION}:") + r"(g[0-9a-f]+:)?[fk]:")
-        for k in redis_keys:
-            if not isinstance(k, str) or not own.match(k):
-                raise KeyEncodingError(
-                    f"invalidate({k!r}): not a key of namespace {self.namespace!r}; pass f.key(...) "
-                    "of a decorated function or cache.key(user_key), or use cache.delete(user_key)"
-                )
-        return redis_keys
-
     def _wait(self, wait: bool, timeout: float | None) -> float | None:
         _positive("timeout", timeout, allow_zero=True, optional=True)
         if not wait:
@@ -450,15 +391,15 @@ class TieredCache:
 class AsyncCacheView:
     """``cache.aio``: the methods of :class:`TieredCache`, awaitable, on ``redis.asyncio``."""
 
-    __slots__ = ("_cache",)
+    __slots__ = ("_cache", "_engine")
 
     def __init__(self, cache: TieredCache) -> None:
         self._cache = cache
+        self._engine = cache._engine
 
     async def get(self, key: str, default: Any = None) -> Any:
         """The value stored under ``key`` (from L1, else Redis), or ``default``."""
-        c = self._cache
-        value = await _async.drive(c._get_flow(key), c._async, None)
+        value = await self._engine.arun(self._engine.get(key))
         return default if value is MISSING else value
 
     async def set(
@@ -473,37 +414,29 @@ class AsyncCacheView:
     ) -> WriteResult:
         """Store ``value`` in Redis and L1 and tell every other process to drop its copy."""
         _positive("ttl", ttl, optional=True)
-        c = self._cache
-        flow = c._set_flow(key, value, ttl, l1_ttl, c._wait(wait, timeout))
-        return await _async.drive(flow, c._async, None)
+        flow = self._engine.set(key, value, ttl, l1_ttl, self._cache._wait(wait, timeout))
+        return await self._engine.arun(flow)
 
     async def delete(self, *keys: str, wait: bool = False, timeout: float | None = None) -> WriteResult:
         """Remove ``keys`` from Redis and L1, and from every other process's L1."""
-        c = self._cache
-        return await _async.drive(c._delete_flow(keys, c._wait(wait, timeout)), c._async, None)
+        return await self._engine.arun(self._engine.delete(keys, self._cache._wait(wait, timeout)))
 
     async def invalidate_tags(self, *tags: str, wait: bool = False, timeout: float | None = None) -> WriteResult:
         """``cache.invalidate_tags`` without blocking the event loop."""
-        c = self._cache
-        flow = _scope.bump(c._core, c._version_keys("tag", tags), c._wait(wait, timeout))
-        return await _async.drive(flow, c._async, None)
+        return await self._engine.arun(self._engine.bump("tag", tags, self._cache._wait(wait, timeout)))
 
     async def clear(self, wait: bool = False, timeout: float | None = None) -> WriteResult:
         """``cache.clear`` without blocking the event loop."""
-        c = self._cache
-        return await _async.drive(_scope.clear(c._core, c._wait(wait, timeout)), c._async, None)
+        return await self._engine.arun(self._engine.clear(self._cache._wait(wait, timeout)))
 
     async def invalidate_tenant(self, tenant: str, wait: bool = False, timeout: float | None = None) -> WriteResult:
         """``cache.invalidate_tenant`` without blocking the event loop."""
-        c = self._cache
-        flow = _scope.bump(c._core, c._version_keys("tenant", (tenant,)), c._wait(wait, timeout))
-        return await _async.drive(flow, c._async, None)
+        return await self._engine.arun(self._engine.bump("tenant", (tenant,), self._cache._wait(wait, timeout)))
 
     async def invalidate(self, *redis_keys: str, wait: bool = False, timeout: float | None = None) -> WriteResult:
         """Remove entries by their Redis keys from Redis and from the L1 of every process."""
-        c = self._cache
-        flow = _write.delete(c._core, c._own(redis_keys), c._wait(wait, timeout))
-        return await _async.drive(flow, c._async, None)
+        flow = self._engine.invalidate(redis_keys, self._cache._wait(wait, timeout))
+        return await self._engine.arun(flow)
 
     async def ready(self, timeout: float = 5.0) -> bool:
         """``cache.ready()`` without blocking the event loop."""
@@ -515,6 +448,11 @@ class AsyncCacheView:
     async def aclose(self) -> None:
         """Same as ``await cache.aclose()``."""
         await self._cache.aclose()
+
+
+def engine_of(cache: TieredCache) -> Engine:
+    """The engine behind ``cache``: how decorated and batch functions reach its flows."""
+    return cache._engine
 
 
 _LIVE: weakref.WeakSet[TieredCache] = weakref.WeakSet()

@@ -16,9 +16,10 @@ import typing
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, overload
 
-from . import _async, _read, _scope, _sync, _write
-from ._cache import TieredCache, _positive
+from . import _read, _scope, _write
+from ._cache import TieredCache, _positive, engine_of
 from ._coherence import WriteResult
+from ._engine import Engine
 from ._keys import (
     KeyMaker,
     KeySpace,
@@ -64,12 +65,12 @@ class _Scope:
 
     __slots__ = ("_namespace", "_static", "_tags_fn", "_tenant_fn", "_tenant_var")
 
-    def __init__(self, cache: TieredCache, tags: Any, tenant: Callable[..., Any] | None) -> None:
-        self._namespace = cache.namespace
+    def __init__(self, engine: Engine, tags: Any, tenant: Callable[..., Any] | None) -> None:
+        self._namespace = engine.namespace
         self._tags_fn: Callable[..., Any] | None = tags if callable(tags) else None
-        self._static = [] if tags is None or callable(tags) else [version_key(cache.namespace, "tag", t) for t in tags]
+        self._static = [] if tags is None or callable(tags) else [version_key(engine.namespace, "tag", t) for t in tags]
         self._tenant_fn = tenant
-        self._tenant_var = cache._tenant_var
+        self._tenant_var = engine.tenant_var
 
     def resolve(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str | None, list[str]]:
         tenant_fn, var = self._tenant_fn, self._tenant_var
@@ -108,9 +109,8 @@ class _Tiered:
         self._fn = fn
         self._custom_key = key
         self._cache = cache
-        self._core = cache._core
-        self._local = cache._core.local
-        self._counters = cache._core.counters
+        self._engine = engine = engine_of(cache)
+        self._core = engine.core
         qualname = callable_name(fn)
         ttl = options.pop("ttl") or self._core.ttl
         l1_ttl = options.pop("l1_ttl")
@@ -118,8 +118,8 @@ class _Tiered:
         if refresh_after is not None and refresh_after >= ttl:
             raise ConfigError(f"refresh_after={refresh_after} must be less than ttl={ttl} (it refreshes before expiry)")
         tags, tenant = options.pop("tags"), options.pop("tenant")
-        scoped = tags is not None or tenant is not None or cache._tenant_var is not None
-        self._scope = _Scope(cache, tags, tenant) if scoped else None
+        scoped = tags is not None or tenant is not None or engine.tenant_var is not None
+        self._scope = _Scope(engine, tags, tenant) if scoped else None
         self._policy = Policy(qualname, ttl, self._core.l1_ttl if l1_ttl is None else l1_ttl, **options)
         function_prefix(cache.namespace, name or qualname)  # validates the name
         self._prefix = f"f:{name or qualname}:"  # after the namespace's (generation's) root
@@ -140,7 +140,7 @@ class _Tiered:
         which may take a round trip to Redis to read)."""
         if self._scope is None:
             return self._keyfn(args, kwargs)
-        key: str | None = _sync.drive(self._scoped(args, kwargs), self._cache._sync, None)
+        key = self._engine.run(self._scoped(args, kwargs))
         if key is None:
             # Redis cannot say (down, breaker open): in strict mode that is an error; else the
             # key at the last versions this process knew, so ``cache.invalidate(f.key(...))``
@@ -339,15 +339,14 @@ class _SyncTiered(_Tiered):
 
     def _miss(self, need: _NeedLoad, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         flow = self._miss_flow(need)
-        return _sync.drive(flow, self._cache._sync, functools.partial(self._fn, *args, **kwargs))
+        return self._engine.run(flow, functools.partial(self._fn, *args, **kwargs))
 
     def invalidate(self, *args: Any, **kwargs: Any) -> WriteResult:
-        result: WriteResult = _sync.drive(self._invalidate_flow(args, kwargs), self._cache._sync, None)
-        return result
+        return self._engine.run(self._invalidate_flow(args, kwargs))
 
     def refresh(self, *args: Any, **kwargs: Any) -> Any:
         flow = self._refresh_flow(args, kwargs)
-        return _sync.drive(flow, self._cache._sync, functools.partial(self._fn, *args, **kwargs))
+        return self._engine.run(flow, functools.partial(self._fn, *args, **kwargs))
 
 
 class _AsyncTiered(_Tiered):
@@ -365,15 +364,14 @@ class _AsyncTiered(_Tiered):
 
     async def _miss(self, need: _NeedLoad, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         flow = self._miss_flow(need)
-        return await _async.drive(flow, self._cache._async, functools.partial(self._fn, *args, **kwargs))
+        return await self._engine.arun(flow, functools.partial(self._fn, *args, **kwargs))
 
     async def invalidate(self, *args: Any, **kwargs: Any) -> WriteResult:
-        result: WriteResult = await _async.drive(self._invalidate_flow(args, kwargs), self._cache._async, None)
-        return result
+        return await self._engine.arun(self._invalidate_flow(args, kwargs))
 
     async def refresh(self, *args: Any, **kwargs: Any) -> Any:
         flow = self._refresh_flow(args, kwargs)
-        return await _async.drive(flow, self._cache._async, functools.partial(self._fn, *args, **kwargs))
+        return await self._engine.arun(flow, functools.partial(self._fn, *args, **kwargs))
 
 
 _POLL_EVERY = 256
