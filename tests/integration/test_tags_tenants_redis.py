@@ -1,5 +1,5 @@
-"""Tags and tenants on a real redis-server: invalidations reaching other caches and other
-processes, the O(1) cost of invalidating a tag (counted with ``INFO commandstats``), tag and
+"""Tags and tenants on a real redis-server: invalidations reaching other processes (other
+caches, on fakeredis and real Redis: test_tags_tenants_backends.py), the O(1) cost of invalidating a tag (counted with ``INFO commandstats``), tag and
 tenant versions cached in L1, a state machine over a pair of caches, and Redis unable to say
 the versions.
 
@@ -78,38 +78,6 @@ def new_cache(redis_server: RedisServer, namespace: str) -> Iterator[Callable[..
         cache.close()
 
 
-# -- tags across caches ------------------------------------------------------------------------
-
-
-def test_tag_invalidation_reaches_a_second_cache(mode: Any, make_cache: Callable[..., TieredCache]) -> None:
-    a, b = make_cache(), make_cache()
-    loaders = [Loader(SyncOnly, computed), Loader(SyncOnly, computed)]
-    tagged = [
-        tiered(c, name="it.tagged", tags=lambda x: [f"x:{x}", "every"])(ld.fn(mode))
-        for c, ld in zip((a, b), loaders, strict=True)
-    ]
-    other = [tiered(c, name="it.other", tags=["other"])(ld.fn(mode)) for c, ld in zip((a, b), loaders, strict=True)]
-    first = {(i, x): mode.call(f, x) for i, f in enumerate((tagged[0], other[0])) for x in (1, 2)}
-    for _ in range(2):  # b: from Redis, then from its L1
-        assert {(i, x): mode.call(f, x) for i, f in enumerate((tagged[1], other[1])) for x in (1, 2)} == first
-    assert loaders[1].calls == 0
-
-    result = mode.run(mode.api(a).invalidate_tags("x:1", wait=True))
-    assert result.complete and result.receivers == 2, result
-    hits = b.stats().l1_hits
-    assert mode.call(tagged[1], 2) == first[(0, 2)]
-    assert mode.call(other[1], 1) == first[(1, 1)]
-    assert b.stats().l1_hits == hits + 2
-    new = mode.call(tagged[1], 1)
-    assert new != first[(0, 1)] and [r[:2] for r in loaders[1].results] == [(None, 1)]
-
-    result = mode.run(mode.api(b).invalidate_tags("every", wait=True))
-    assert result.complete, result
-    assert mode.call(tagged[0], 1) != new
-    assert mode.call(tagged[0], 2) != first[(0, 2)]
-    assert mode.call(other[0], 1) == first[(1, 1)]
-
-
 def test_invalidating_a_tag_costs_the_same_few_commands_for_10_or_1000_entries(
     own_redis: RedisServer, own_raw: redis.Redis, namespace: str
 ) -> None:
@@ -186,40 +154,6 @@ def test_versions_are_cached_in_l1_and_an_invalidation_evicts_them(
     finally:
         cache.close()
         other.close()
-
-
-# -- tenants across caches ------------------------------------------------------------------------
-
-
-def test_tenants_across_caches(mode: Any, make_cache: Callable[..., TieredCache]) -> None:
-    a, b = make_cache(tenants=True), make_cache(tenants=True)
-    loaders = [Loader(SyncOnly, computed), Loader(SyncOnly, computed)]
-    fs = [tiered(c, name="it.ten")(ld.fn(mode)) for c, ld in zip((a, b), loaders, strict=True)]
-    values = {}
-    for tenant in ("acme", "{globex}", None):
-        with within(a, tenant):
-            values[tenant] = mode.call(fs[0], 1)
-            mode.run(mode.api(a).set("k", f"v-{tenant}"))
-        with within(b, tenant):
-            assert mode.call(fs[1], 1) == values[tenant]  # the same tenant in another cache: shared
-            assert mode.run(mode.api(b).get("k")) == f"v-{tenant}"
-    assert loaders[1].calls == 0
-    with within(b, "initech"):
-        assert mode.run(mode.api(b).get("k")) is None
-        assert mode.call(fs[1], 1)[0] == "initech"
-
-    result = mode.run(mode.api(b).invalidate_tenant("acme", wait=True))
-    assert result.complete, result
-    for cache, f in ((a, fs[0]), (b, fs[1])):
-        with within(cache, "acme"):
-            assert mode.run(mode.api(cache).get("k")) is None
-        for tenant in ("{globex}", None):
-            with within(cache, tenant):
-                assert mode.call(f, 1) == values[tenant]
-                assert mode.run(mode.api(cache).get("k")) == f"v-{tenant}"
-    with within(a, "acme"):
-        fresh = mode.call(fs[0], 1)
-    assert fresh != values["acme"] and fresh[0] == "acme"
 
 
 def test_state_machine_on_a_pair_of_caches(redis_server: RedisServer) -> None:

@@ -1,7 +1,8 @@
 """Tags and tenants on L1-only caches and fakeredis: ``tiered(tags=..., tenant=...)``,
 ``cache.invalidate_tags``, ``TieredCache(tenants=True)`` with ``cache.tenant(...)``,
 ``cache.invalidate_tenant``, context propagation, and a Hypothesis state machine checking that
-no call in one tenant ever answers with a value computed in another.
+no call in one tenant ever answers with a value computed in another. (Invalidations reaching
+another cache: tests/integration/test_tags_tenants_backends.py, on fakeredis and real Redis.)
 
 Every function below returns ``(tenant it was computed in, argument, serial number)``: the
 tenant comes from ``COMPUTED_IN``, a context variable the test sets next to ``cache.tenant``,
@@ -155,34 +156,6 @@ def test_tag_and_tenant_arguments_are_validated() -> None:
         cache.invalidate_tags("")
 
 
-def test_invalidate_tags_reaches_another_cache_on_the_same_redis(mode: Any, fake: FakePair) -> None:
-    a, b = fake.cache(), fake.cache()
-    loaders = [Loader(SyncOnly, computed), Loader(SyncOnly, computed)]
-    tagged = [
-        tiered(c, name="t.f", tags=lambda x: [f"x:{x}"])(ld.fn(mode)) for c, ld in zip((a, b), loaders, strict=True)
-    ]
-    plain = [tiered(c, name="t.g")(ld.fn(mode)) for c, ld in zip((a, b), loaders, strict=True)]
-    v1, v2, p1 = mode.call(tagged[0], 1), mode.call(tagged[0], 2), mode.call(plain[0], 1)
-    # b reads a's values from Redis, then from its own L1
-    for _ in range(2):
-        assert (mode.call(tagged[1], 1), mode.call(tagged[1], 2), mode.call(plain[1], 1)) == (v1, v2, p1)
-    assert loaders[1].calls == 0
-    assert b.stats().l2_hits == 3
-    assert b.stats().l1_hits == 3
-
-    result = mode.run(mode.api(a).invalidate_tags("x:1", wait=True))
-    assert result.complete and result.receivers == 2, result
-
-    hits = b.stats().l1_hits
-    assert mode.call(tagged[1], 2) == v2
-    assert mode.call(plain[1], 1) == p1
-    assert b.stats().l1_hits == hits + 2  # the untagged and the other tag's entries stayed in b's L1
-    new = mode.call(tagged[1], 1)
-    assert new != v1
-    assert [r[:2] for r in loaders[1].results] == [(None, 1)]  # b computed it again
-    assert mode.call(tagged[0], 1) == new  # and a reads b's new value
-
-
 # -- tenants ------------------------------------------------------------------------------------
 
 
@@ -225,34 +198,6 @@ def test_get_set_delete_are_isolated_per_tenant(mode: Any) -> None:
     with within(cache, "b"):
         assert mode.run(api.get("k")) == "value of b"
     assert mode.run(api.get("k")) == "value of None"
-
-
-def test_invalidate_tenant_drops_only_that_tenants_entries(mode: Any, fake: FakePair) -> None:
-    a, b = fake.cache(tenants=True), fake.cache(tenants=True)
-    loaders = [Loader(SyncOnly, computed), Loader(SyncOnly, computed)]
-    fs = [tiered(c, name="ten.f")(ld.fn(mode)) for c, ld in zip((a, b), loaders, strict=True)]
-    values = {}
-    for tenant in ("a", "b", None):
-        with within(a, tenant):
-            values[tenant] = mode.call(fs[0], 1)
-            mode.run(mode.api(a).set("k", f"v-{tenant}"))
-        with within(b, tenant):
-            assert mode.call(fs[1], 1) == values[tenant]  # b's L1 now has them too
-    result = mode.run(mode.api(b).invalidate_tenant("a", wait=True))
-    assert result.complete, result
-    for cache, f in ((a, fs[0]), (b, fs[1])):
-        with within(cache, "a"):
-            assert mode.run(mode.api(cache).get("k")) is None
-        for tenant in ("b", None):
-            with within(cache, tenant):
-                assert mode.call(f, 1) == values[tenant]
-                assert mode.run(mode.api(cache).get("k")) == f"v-{tenant}"
-    with within(a, "a"):
-        fresh = mode.call(fs[0], 1)
-    assert fresh != values["a"] and fresh[0] == "a"
-    assert loaders[0].results[-1][:2] == ("a", 1)
-    with within(b, "a"):
-        assert mode.call(fs[1], 1) == fresh
 
 
 def org_body(mode: Any, loader: Loader) -> Callable[..., Any]:
