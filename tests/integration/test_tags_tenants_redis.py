@@ -1,7 +1,7 @@
 """Tags and tenants on a real redis-server: invalidations reaching other processes (other
-caches, on fakeredis and real Redis: test_tags_tenants_backends.py), the O(1) cost of invalidating a tag (counted with ``INFO commandstats``), tag and
-tenant versions cached in L1, a state machine over a pair of caches, and Redis unable to say
-the versions.
+caches, on fakeredis and real Redis: test_tags_tenants_backends.py), the O(1) cost of
+invalidating a tag (counted with ``INFO commandstats``), tag and tenant versions cached in L1,
+a state machine over a pair of caches, and Redis unable to say the versions.
 
 (Named ``..._redis.py``: ``tests/unit/test_tags_tenants.py`` already takes the basename, and
 the test directories are not packages.)"""
