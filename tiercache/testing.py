@@ -20,7 +20,7 @@ import time
 import weakref
 from collections.abc import Iterable, Iterator
 from types import TracebackType
-from typing import Any, ClassVar, NoReturn
+from typing import Any, ClassVar, NoReturn, cast
 
 import redis
 import redis.asyncio
@@ -31,12 +31,12 @@ from redis.retry import Retry
 from ._cache import TieredCache
 from .errors import ConfigError
 
-_MISSING_EXTRA = "tiercache.testing needs fakeredis and lupa: install the extra, pip install 'tiercache[testing]'"
+_MISSING_EXTRA = "tiercache.testing needs fakeredis>=2.41 and lupa: pip install 'tiercache[testing]'"
 try:
     import fakeredis
     from fakeredis._core import FakeSelector
     from fakeredis._socket import AsyncFakeSocket, FakeSocket
-    from fakeredis.aioredis import FakeAsyncRedisConnection, FakeReader, FakeWriter
+    from fakeredis.aioredis import FakeAsyncRedisConnection
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(_MISSING_EXTRA) from exc
 if importlib.util.find_spec("lupa") is None:  # pragma: no cover - fakeredis runs the Lua scripts with it
@@ -65,10 +65,14 @@ class _Node:
         self.delay = 0.0
         self.sockets: weakref.WeakSet[_SyncSocket] = weakref.WeakSet()
 
-    def adopt(self, sock: _SyncSocket) -> None:
+    def adopt(self, fake: FakeSocket, kind: type[_SyncSocket]) -> _SyncSocket:
+        """``fake``, a socket fakeredis just made for this node, given the fault hooks."""
+        fake.__class__ = kind  # the same object (no state to copy), with the hooks
+        sock = cast(_SyncSocket, fake)
         sock.tc_node = self
         with self.backend._lock:  # _cut iterates the set from another thread
             self.sockets.add(sock)
+        return sock
 
     @property
     def cut(self) -> bool:
@@ -119,16 +123,7 @@ class _SyncConnection(fakeredis.FakeRedisConnection):
 
     def _connect(self) -> _SyncSocket:
         self.node.check()
-        assert self._server is not None  # given to every connection of the pool
-        sock = _SyncSocket(
-            self._server,
-            db=self.db,
-            client_class=self._client_class,
-            lua_modules=self._lua_modules,
-            client_info=self._client_info,
-        )
-        self.node.adopt(sock)
-        return sock
+        return self.node.adopt(super()._connect(), _SyncSocket)
 
     def _broken(self) -> bool:
         sock = self._sock
@@ -160,17 +155,9 @@ class _AsyncConnection(FakeAsyncRedisConnection):
 
     async def _connect(self) -> None:
         self.node.check()
-        sock = _AsyncSocket(
-            self._server,
-            self.db,
-            client_class=self._client_class,
-            lua_modules=self._lua_modules,
-            client_info=self._client_info,
-        )
-        self.node.adopt(sock)
-        self._sock = sock
-        self._reader = FakeReader(sock)
-        self._writer = FakeWriter(sock)
+        await super()._connect()
+        assert self._sock is not None  # made by fakeredis's _connect
+        self.node.adopt(self._sock, _AsyncSocket)
 
     async def read_response(self, **kwargs: Any) -> Any:  # type: ignore[override] # fakeredis's signature
         sock = self._sock
@@ -318,7 +305,8 @@ class MemoryRedis:
                         # A subscriber's connection resets: Redis drops its subscription (PUBLISH
                         # no longer counts it), and the reader blocked on it wakes up to fail.
                         sock.tc_dead = True
-                        sock.kill()
+                        for subscribers in (*self.server.subscribers.values(), *self.server.psubscribers.values()):
+                            subscribers.discard(sock)
                         sock.tc_put_now(None)
         caches = [c for c, n in self._nodes.items() if n in nodes]
         self._await_bus(caches, connected=False, timeout=timeout)
