@@ -21,7 +21,7 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from . import _async, _sync
+from . import _async, _subscriber, _sync
 from ._codec import Codec, MsgpackSerializer
 from ._coherence import WriteResult
 from ._core import Core
@@ -206,7 +206,7 @@ class TieredCache:
         self._staleness_bound = staleness_bound
         self._core.local.outage_ttl = staleness_bound if outage_l1_ttl is None else outage_l1_ttl
         self._closed = False
-        self._subscriber: _sync.Subscriber | None = None
+        self._subscriber: _subscriber.Subscriber | None = None
         self._start_subscriber()
         _track_for_fork(self)
         self.aio = AsyncCacheView(self)
@@ -331,7 +331,7 @@ class TieredCache:
     def _start_subscriber(self) -> None:
         if self._core.bus is not None and self._sync is not None:
             half = self._staleness_bound / 2
-            self._subscriber = _sync.Subscriber(
+            self._subscriber = _subscriber.Subscriber(
                 self._sync, self._core.bus, self._core.seq_key, half, half, self._core.log
             )
             self._subscriber.start()
