@@ -3,8 +3,10 @@ callers, cancelled and failing leaders, hard and soft timeouts, stale values, re
 expiry, TTL jitter in Redis, negative caching, and the circuit breaker with the server down.
 
 Scenarios with callers run through the sync driver (threads) and the async driver (tasks) via
-``mode``. Redis expiry is stood in for by deleting the key behind the cache's back (no
-invalidation is published) while an injected clock moves L1 past its TTLs.
+``mode``. (Stale values with timeouts or a raising function, written once for L1-only caches,
+fakeredis and real Redis: test_stampede_backends.py.) Redis expiry is stood in for by deleting
+the key behind the cache's back (no invalidation is published) while an injected clock moves
+L1 past its TTLs.
 """
 
 from __future__ import annotations
@@ -271,94 +273,7 @@ def test_hard_timeout_releases_waiters_with_load_timeout_error(
         assert loader.calls == 2
 
 
-def test_hard_timeout_serves_the_stale_value(
-    mode: Any, make_cache: Callable[..., TieredCache], raw: redis.Redis, clock: Clock, gate: Gate
-) -> None:
-    """With a previous value within ``stale_ttl``, callers released by the hard timeout get it."""
-    cache = make_cache(clock=clock)
-    loader = Loader(mode, "v1", Pause("v2", until=gate))
-    f = tiered(cache, ttl=30, stale_ttl=600, hard_timeout=HARD)(loader.fn())
-    assert mode.call(f, 1) == "v1"
-    clock.advance(31)
-    raw.delete(f.key(1))  # expired in Redis too
-    results, elapsed = crowd(mode, N, lambda: f(1))
-    assert results == ["v1"] * N
-    assert HARD <= elapsed < HARD + SLACK
-    assert loader.calls == 2 or (mode.is_async and loader.calls >= 2)
-    stats = cache.stats()
-    assert stats.stale_served == N
-    assert stats.load_timeouts == N
-    assert stats.in_flight == 0
-
-
-# -- 5. soft timeout ----------------------------------------------------------------------------
-
-
-def test_soft_timeout_serves_stale_and_the_load_lands_in_l1_and_redis(
-    mode: Any, make_cache: Callable[..., TieredCache], raw: redis.Redis, clock: Clock, gate: Gate
-) -> None:
-    """With a stale value, a caller gets it after about ``soft_timeout``; the load goes on in
-    the background and its result lands in Redis and L1."""
-    cache = make_cache(clock=clock)
-    loader = Loader(mode, "v1", Pause("v2", until=gate), "v2")
-    f = tiered(cache, ttl=30, stale_ttl=600, soft_timeout=SOFT, hard_timeout=WAIT)(loader.fn())
-    key = f.key(1)
-    assert mode.call(f, 1) == "v1"
-    clock.advance(31)
-    raw.delete(key)
-    results, elapsed = crowd(mode, 3, lambda: f(1))
-    assert results == ["v1"] * 3
-    assert SOFT <= elapsed < SOFT + SLACK
-    assert cache.stats().stale_served == 3
-    assert loader.calls == 2
-    gate.open()
-    eventually(lambda: cache._core.local.get(key) == "v2", "the background load to land in L1", mode=mode)
-    assert stored(cache, raw, key) == "v2"
-    assert mode.call(f, 1) == "v2"
-    assert loader.calls == 2
-    stats = cache.stats()
-    assert stats.in_flight == 0
-    assert stats.load_timeouts == 0
-
-
-def test_soft_timeout_without_stale_waits_for_the_load(
-    mode: Any, make_cache: Callable[..., TieredCache], raw: redis.Redis
-) -> None:
-    """Without a stale value callers wait past ``soft_timeout`` for the load (up to ``hard``)."""
-    cache = make_cache()
-    loader = Loader(mode, Pause("slow value", seconds=4 * SOFT))
-    f = tiered(cache, soft_timeout=SOFT, hard_timeout=WAIT)(loader.fn())
-    results, elapsed = crowd(mode, 3, lambda: f(1))
-    assert results == ["slow value"] * 3
-    assert elapsed >= 4 * SOFT
-    assert loader.calls == 1
-    assert cache.stats().stale_served == 0
-    assert cache.stats().load_timeouts == 0
-    assert stored(cache, raw, f.key(1)) == "slow value"
-
-
-# -- 6. stale values and invalidation -----------------------------------------------------------
-
-
-def test_stale_value_served_on_error_and_never_after_invalidation(
-    mode: Any, make_cache: Callable[..., TieredCache], raw: redis.Redis, clock: Clock
-) -> None:
-    """After expiry a raising function is answered with the stale value (counted); after
-    ``f.invalidate(x)`` the error propagates."""
-    cache = make_cache(clock=clock)
-    loader = Loader(mode, "v1", Boom("down"))
-    f = tiered(cache, ttl=30, stale_ttl=600)(loader.fn())
-    key = f.key(1)
-    assert mode.call(f, 1) == "v1"
-    clock.advance(31)
-    raw.delete(key)
-    assert mode.call(f, 1) == "v1"
-    assert cache.stats().stale_served == 1
-    assert raw.get(key) is None  # the failed load gave its lease back
-    mode.call(f.invalidate, 1)
-    with pytest.raises(Boom):
-        mode.call(f, 1)
-    assert cache.stats().stale_served == 1
+# -- 5-6. soft timeout, stale values (the rest: test_stampede_backends.py) ---------------------
 
 
 def test_invalidation_by_another_cache_removes_the_stale_copy(
@@ -375,20 +290,6 @@ def test_invalidation_by_another_cache_removes_the_stale_copy(
     raw.delete(key)
     result = other.invalidate(key, wait=True, timeout=WAIT)
     assert result.complete
-    with pytest.raises(Boom):
-        mode.call(f, 1)
-    assert cache.stats().stale_served == 0
-
-
-def test_without_stale_ttl_the_error_propagates(
-    mode: Any, make_cache: Callable[..., TieredCache], raw: redis.Redis, clock: Clock
-) -> None:
-    cache = make_cache(clock=clock)
-    loader = Loader(mode, "v1", Boom("down"))
-    f = tiered(cache, ttl=30)(loader.fn())
-    assert mode.call(f, 1) == "v1"
-    clock.advance(31)
-    raw.delete(f.key(1))
     with pytest.raises(Boom):
         mode.call(f, 1)
     assert cache.stats().stale_served == 0

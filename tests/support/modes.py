@@ -59,7 +59,7 @@ class FakeRedisCaches:
         self.namespace = namespace
         self.defaults = defaults
         self.server = fakeredis.FakeServer()
-        self.raw = fakeredis.FakeRedis(server=self.server)
+        self.raw: Any = fakeredis.FakeRedis(server=self.server)  # a redis client; None in L1Caches
         self.caches: list[Any] = []
 
     def cache(self, **kwargs: Any) -> Any:
@@ -106,3 +106,22 @@ class RedisCaches(FakeRedisCaches):
     def close(self) -> None:
         super().close()
         self.raw.close()
+
+
+class L1Caches(FakeRedisCaches):
+    """:class:`FakeRedisCaches` without Redis (``raw`` is None): caches that have only L1, for
+    scenarios that run on every backend including none (``backend`` parametrized with "l1")."""
+
+    def __init__(self, mode: Mode, namespace: str, **defaults: Any) -> None:
+        self.mode = mode
+        self.namespace = namespace
+        self.defaults = defaults
+        self.raw = None
+        self.caches = []
+
+    def cache(self, **kwargs: Any) -> Any:
+        from tiercache import TieredCache
+
+        cache = TieredCache(**{"namespace": self.namespace, **self.defaults, **kwargs})
+        self.caches.append(cache)
+        return cache

@@ -2,7 +2,9 @@
 loads, cancelled and failing leaders, stale values, soft and hard timeouts, refresh ahead of
 expiry (refresh_after and XFetch), TTL jitter, negative caching, the circuit breaker, and the
 validation of the new arguments. Every scenario with callers runs through the sync driver
-(threads) and the async driver (tasks) via ``mode``."""
+(threads) and the async driver (tasks) via ``mode``. (Stale values with timeouts or a raising
+function, written once for L1-only caches, fakeredis and real Redis: test_stampede_backends.py
+in tests/integration.)"""
 
 from __future__ import annotations
 
@@ -153,25 +155,6 @@ def test_hard_timeout_without_stale_raises_load_timeout(mode: Any, l1: TieredCac
     assert loader.calls == hung + 1
 
 
-def test_hard_timeout_serves_stale_value(mode: Any, l1: TieredCache, clock: Clock, gate: Gate) -> None:
-    """With a value within ``stale_ttl``, callers released by the hard timeout get it instead
-    of LoadTimeoutError, each counted."""
-    loader = Loader(mode, "v1", Pause("late", until=gate))
-    f = tiered(l1, ttl=10, stale_ttl=100, hard_timeout=HARD)(loader.fn())
-    assert mode.call(f, 1) == "v1"
-    clock.advance(11)  # past the TTL, within stale_ttl
-    results, elapsed = crowd(mode, N, lambda: f(1))
-    assert results == ["v1"] * N
-    assert HARD <= elapsed < HARD + SLACK
-    assert loader.calls == 2 or (mode.is_async and loader.calls >= 2)  # as above
-    stats = l1.stats()
-    assert stats.stale_served == N
-    assert stats.load_timeouts == N
-    assert stats.in_flight == 0
-    if mode.is_async:
-        eventually(loader.cancelled.is_set, "the hanging async load to be cancelled", mode=mode)
-
-
 def test_hard_timeout_bounds_every_callers_wait(l1: TieredCache, gate: Gate) -> None:
     """``hard_timeout`` bounds each caller's wait from its own call. Caller B joins caller A's
     hanging async load 0.05 s after A; at A's deadline A's timeout cancels the load, which
@@ -202,44 +185,6 @@ def test_hard_timeout_bounds_every_callers_wait(l1: TieredCache, gate: Gate) -> 
     assert b_waited < hard + 0.1, f"B waited {b_waited:.2f} s with hard_timeout={hard} ({loader.calls} loads started)"
 
 
-def test_soft_timeout_serves_stale_then_the_load_lands(mode: Any, l1: TieredCache, clock: Clock, gate: Gate) -> None:
-    """Past ``soft_timeout`` a caller with a stale value answers with it; the load goes on in the
-    background and its result is served once it lands."""
-    loader = Loader(mode, "v1", Pause("v2", until=gate))
-    f = tiered(l1, ttl=10, stale_ttl=100, soft_timeout=SOFT, hard_timeout=WAIT)(loader.fn())
-    key = f.key(1)
-    assert mode.call(f, 1) == "v1"
-    clock.advance(11)
-    started = time.monotonic()
-    assert mode.call(f, 1) == "v1"
-    assert SOFT <= time.monotonic() - started < SOFT + SLACK
-    assert l1.stats().stale_served == 1
-    assert l1.stats().in_flight == 1  # the load goes on
-    gate.open()
-    eventually(lambda: l1._core.local.get(key) == "v2", "the background load to land in L1", mode=mode)
-    assert mode.call(f, 1) == "v2"
-    assert loader.calls == 2
-    stats = l1.stats()
-    assert stats.in_flight == 0
-    assert stats.load_timeouts == 0
-    assert stats.stale_served == 1
-
-
-def test_soft_timeout_without_stale_waits_for_the_load(mode: Any, l1: TieredCache) -> None:
-    """Without a stale value the soft timeout does not release callers: they wait for the load
-    (which outlasts soft_timeout but not hard_timeout) and get its value."""
-    loader = Loader(mode, Pause("slow value", seconds=4 * SOFT))
-    f = tiered(l1, soft_timeout=SOFT, hard_timeout=WAIT)(loader.fn())
-    results, elapsed = crowd(mode, 3, lambda: f(1))
-    assert results == ["slow value"] * 3
-    assert elapsed >= 4 * SOFT
-    assert loader.calls == 1
-    stats = l1.stats()
-    assert stats.stale_served == 0
-    assert stats.load_timeouts == 0
-    assert stats.in_flight == 0
-
-
 def test_soft_timeout_alone_waits_without_bound(mode: Any, l1: TieredCache) -> None:
     """``soft_timeout`` without ``hard_timeout`` and without a stale value: callers wait for
     the load, however long it takes."""
@@ -252,65 +197,12 @@ def test_soft_timeout_alone_waits_without_bound(mode: Any, l1: TieredCache) -> N
 # -- stale values -------------------------------------------------------------------------------
 
 
-def test_stale_value_served_when_function_raises(mode: Any, l1: TieredCache, clock: Clock) -> None:
-    """After expiry, a raising function is answered with the value within ``stale_ttl`` (each
-    time counted); past ``stale_ttl`` the error propagates."""
-    loader = Loader(mode, "v1", Boom("down"))
-    f = tiered(l1, ttl=10, stale_ttl=100)(loader.fn())
-    assert mode.call(f, 1) == "v1"
-    clock.advance(11)
-    assert mode.call(f, 1) == "v1"
-    assert mode.call(f, 1) == "v1"
-    stats = l1.stats()
-    assert stats.stale_served == 2
-    assert stats.load_errors == 2
-    assert stats.in_flight == 0
-    assert loader.calls == 3
-    clock.advance(100)  # past TTL + stale_ttl
-    with pytest.raises(Boom):
-        mode.call(f, 1)
-    assert l1.stats().stale_served == 2
-
-
 def test_stale_value_not_served_while_function_succeeds(mode: Any, l1: TieredCache, clock: Clock) -> None:
     loader = Loader(mode, "v1", "v2")
     f = tiered(l1, ttl=10, stale_ttl=100)(loader.fn())
     assert mode.call(f, 1) == "v1"
     clock.advance(11)
     assert mode.call(f, 1) == "v2"
-    assert l1.stats().stale_served == 0
-
-
-def test_invalidation_removes_stale_copy(mode: Any, l1: TieredCache, clock: Clock) -> None:
-    """After ``f.invalidate(x)`` the stale copy is gone: a raising function's error propagates."""
-    loader = Loader(mode, "v1", Boom("down"))
-    f = tiered(l1, ttl=10, stale_ttl=100)(loader.fn())
-    assert mode.call(f, 1) == "v1"
-    clock.advance(11)
-    mode.call(f.invalidate, 1)
-    with pytest.raises(Boom):
-        mode.call(f, 1)
-    assert l1.stats().stale_served == 0
-
-
-def test_invalidation_before_expiry_removes_stale_copy(mode: Any, l1: TieredCache, clock: Clock) -> None:
-    loader = Loader(mode, "v1", Boom("down"))
-    f = tiered(l1, ttl=10, stale_ttl=100)(loader.fn())
-    assert mode.call(f, 1) == "v1"
-    mode.call(f.invalidate, 1)
-    clock.advance(11)
-    with pytest.raises(Boom):
-        mode.call(f, 1)
-    assert l1.stats().stale_served == 0
-
-
-def test_without_stale_ttl_error_propagates(mode: Any, l1: TieredCache, clock: Clock) -> None:
-    loader = Loader(mode, "v1", Boom("down"))
-    f = tiered(l1, ttl=10)(loader.fn())
-    assert mode.call(f, 1) == "v1"
-    clock.advance(11)
-    with pytest.raises(Boom):
-        mode.call(f, 1)
     assert l1.stats().stale_served == 0
 
 
