@@ -18,7 +18,7 @@ import redis.asyncio
 from redis.exceptions import NoScriptError
 
 from ._flight import Flight
-from ._remote import PoolBusy, RedisOp, RemoteFailure, UnreadableReply
+from ._remote import PoolBusy, RedisOp, RemoteFailure, failure, finish
 from ._steps import CallWith, Flow, Reply, Spawn, Wait
 from ._types import CALL
 from .errors import ConfigError
@@ -144,7 +144,7 @@ class AsyncRedis:
 
     async def _execute_batch(self, batch: list[tuple[RedisOp, asyncio.Future[Any] | None]]) -> Any:
         mine: Any = None
-        failure: BaseException | None = None
+        own_error: RemoteFailure | None = None
         try:
             pool, bound = self._pool()
             if bound is not None:
@@ -154,42 +154,32 @@ class AsyncRedis:
             except Exception as exc:
                 if bound is not None:
                     bound.release()
-                raise RemoteFailure() from exc
+                raise failure(exc) from exc
             try:
                 commands = [c for op, _ in batch for c in (op.args, *op.more)]
                 await conn.send_packed_command(conn.pack_commands(commands))
                 for op, future in batch:
                     replies = []
-                    error: BaseException | None = None
-                    unreadable = False
+                    error: RemoteFailure | None = None
                     for _ in range(1 + len(op.more)):
                         try:
                             replies.append(await conn.read_response())
                         except redis.ResponseError as exc:  # this command failed, the rest stand
-                            error = exc
-                    outcome: Any
+                            error = failure(exc)
+                    outcome: Any = None
                     if error is None:
                         try:
-                            outcome = (
-                                (replies if op.more else replies[0])
-                                if op.parse is None
-                                else op.parse(replies if op.more else replies[0])
-                            )
-                        except Exception as exc:  # noqa: BLE001 - a reply we cannot read: a failure
+                            outcome = finish(op, replies if op.more else replies[0])
+                        except RemoteFailure as exc:  # unreadable
                             error = exc
-                            unreadable = True
-                    kind = UnreadableReply if unreadable else RemoteFailure
                     if future is None:
                         if error is not None:
-                            failure = kind()
-                            failure.__cause__ = error
+                            own_error = error
                         else:
                             mine = outcome
                     elif not future.done():
                         if error is not None:
-                            wrapped = kind()
-                            wrapped.__cause__ = error
-                            future.set_exception(wrapped)
+                            future.set_exception(error)
                         else:
                             future.set_result(outcome)
             except BaseException:
@@ -203,17 +193,14 @@ class AsyncRedis:
                     bound.release()
         except BaseException as exc:
             # The connection failed (or we were cancelled): every read of the batch fails open.
-            cause = exc.__cause__ if isinstance(exc, RemoteFailure) else exc
             for _, future in batch:
                 if future is not None and not future.done():
-                    wrapped = type(exc)() if isinstance(exc, RemoteFailure) else RemoteFailure()  # PoolBusy stays
-                    wrapped.__cause__ = cause
-                    future.set_exception(wrapped)
+                    future.set_exception(failure(exc))  # one each; PoolBusy stays PoolBusy
             if isinstance(exc, Exception) and not isinstance(exc, RemoteFailure):
-                raise RemoteFailure() from exc
+                raise failure(exc) from exc
             raise
-        if failure is not None:
-            raise failure
+        if own_error is not None:
+            raise own_error
         return mine
 
     def _landing_limit(self) -> float:
@@ -254,7 +241,7 @@ class AsyncRedis:
         try:
             conn = await pool.get_connection()  # type: ignore[no-untyped-call]
         except Exception as exc:  # whatever the client raises, the flow fails open
-            raise RemoteFailure() from exc
+            raise failure(exc) from exc
         owed = 0  # replies Redis owes us for what we sent
         try:
             try:
@@ -286,7 +273,7 @@ class AsyncRedis:
             await _quietly(conn.disconnect(nowait=True))
             await _quietly(pool.release(conn))
             if isinstance(exc, Exception):
-                raise RemoteFailure() from exc
+                raise failure(exc) from exc
             raise
         await pool.release(conn)
         if cancelling is not None and cancelling() > cancels:
@@ -294,12 +281,7 @@ class AsyncRedis:
             # Python 3.11 loses a cancellation that races the send's end): the task would run
             # on as if never cancelled. Deliver it now, after the reply landed.
             raise asyncio.CancelledError()
-        if op.parse is None:
-            return reply
-        try:
-            return op.parse(reply)
-        except Exception as exc:  # a reply we cannot read (e.g. a foreign value): fail open
-            raise UnreadableReply() from exc
+        return finish(op, reply)
 
     async def aclose(self) -> None:
         """Disconnect the pool of the running loop, and close what finished loops left."""

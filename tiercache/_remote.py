@@ -28,10 +28,12 @@ __all__ = [
     "await_ack",
     "clear",
     "begin_refresh",
+    "failure",
     "fetch",
     "fetch_many",
     "fill",
     "fill_many",
+    "finish",
     "finish_refresh",
     "peek",
     "sync_generation",
@@ -98,6 +100,33 @@ class UnreadableReply(RemoteFailure):
 class PoolBusy(RemoteFailure):
     """No connection of this process's pool was free in time: local saturation, which says
     nothing about Redis, so it fails the call open without counting against the breaker."""
+
+
+def failure(exc: BaseException) -> RemoteFailure:
+    """What a driver sends the flow when running an op raised ``exc``: a RemoteFailure chained
+    to it (whatever the client raised: racing ``close()``, redis-py raises e.g. TypeError too,
+    and the flow fails open all the same). For a RemoteFailure, a new one of the same kind and
+    cause (PoolBusy stays PoolBusy): each reader of a coalesced batch gets its own."""
+    if isinstance(exc, RemoteFailure):
+        wrapped = type(exc)()
+        wrapped.__cause__ = exc.__cause__
+    else:
+        wrapped = RemoteFailure()
+        wrapped.__cause__ = exc
+    return wrapped
+
+
+def finish(op: RedisOp, reply: Any) -> Any:
+    """The flow's reply to ``op`` from Redis's ``reply`` (a list of replies when the op has
+    ``more``): parsed by ``op.parse``; a reply it cannot read (e.g. a foreign value under
+    one of our keys) is an UnreadableReply, which fails the call open."""
+    parse = op.parse
+    if parse is None:
+        return reply
+    try:
+        return parse(reply)
+    except Exception as exc:
+        raise UnreadableReply() from exc
 
 
 #: First bytes of a lease marker: the envelope magic with format version 0, never a value.

@@ -20,7 +20,7 @@ import redis
 from redis.exceptions import NoScriptError
 
 from ._flight import ELSEWHERE, Flight
-from ._remote import RedisOp, RemoteFailure, UnreadableReply
+from ._remote import RedisOp, RemoteFailure, failure, finish
 from ._steps import CallWith, Flow, Reply, Spawn, Wait
 from ._types import CALL
 
@@ -41,7 +41,7 @@ class SyncRedis:
         try:
             conn = self.pool.get_connection()
         except Exception as exc:  # whatever the client raises, the flow fails open
-            raise RemoteFailure() from exc
+            raise failure(exc) from exc
         try:
             try:
                 if op.more:
@@ -63,15 +63,10 @@ class SyncRedis:
             except Exception:  # noqa: BLE001, S110 - the connection is being thrown away
                 pass
             if isinstance(exc, Exception):
-                raise RemoteFailure() from exc
-            raise
+                raise failure(exc) from exc
+            raise  # KeyboardInterrupt, SystemExit: not a Redis failure
         self.pool.release(conn)
-        if op.parse is None:
-            return reply
-        try:
-            return op.parse(reply)
-        except Exception as exc:  # a reply we cannot read (e.g. a foreign value): fail open
-            raise UnreadableReply() from exc
+        return finish(op, reply)
 
     def close(self) -> None:
         self.pool.disconnect()
