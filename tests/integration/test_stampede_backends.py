@@ -1,8 +1,9 @@
-"""Stale values and timeouts, written once and run on an L1-only cache, fakeredis and a real
-redis-server (``backend``), through the sync and the async driver (``mode``): the hard timeout
-serves the stale value, the soft timeout serves it while the load lands later, the soft timeout
-waits when there is nothing stale, a raising function is answered with the stale value within
-``stale_ttl`` and never after an invalidation.
+"""Stampede scenarios written once and run on an L1-only cache, fakeredis and a real
+redis-server (``backend``), through the sync and the async driver (``mode``): a raising
+function's callers all get its exception, the hard timeout serves the stale value, the soft
+timeout serves it while the load lands later, the soft timeout waits when there is nothing
+stale, a raising function is answered with the stale value within ``stale_ttl`` and never after
+an invalidation, ``refresh_after`` starts one background refresh.
 
 Redis expiry is stood in for by deleting the key behind the cache's back (no invalidation is
 published) while the injected clock moves L1 past its TTLs."""
@@ -14,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import WAIT, Boom, Clock, FakeRedisCaches, Gate, Loader, Pause, crowd, eventually
+from tests.support import WAIT, Boom, Clock, FakeRedisCaches, Gate, Joined, Loader, Pause, crowd, eventually
 from tiercache import TieredCache, tiered
 
 pytestmark = pytest.mark.parametrize(
@@ -43,6 +44,40 @@ def stored(backend: FakeRedisCaches, cache: TieredCache, key: str) -> Any:
     """The value Redis holds under ``key`` (None when empty; raises on a lease marker)."""
     data = backend.raw.get(key)
     return None if data is None else cache._core.codec.decode(key, data)
+
+
+@pytest.mark.parametrize("detached", [False, True], ids=["inline", "detached"])
+def test_a_raising_function_gives_every_waiter_its_exception_and_caches_nothing(
+    mode: Any, backend: FakeRedisCaches, joined: Joined, detached: bool
+) -> None:
+    """The leader's exception object is raised in every caller that waited for it; nothing is
+    cached, in L1 or Redis (the lease is given back: another cache loads at once, without
+    waiting); the next call calls the function again."""
+    cache = backend.cache()
+    error = Boom("upstream down")
+    waiting = N if detached else N - 1  # detached: the first caller waits on the load as well
+    loader = Loader(mode, Pause(error, until=joined.reach(waiting)), "recovered")
+    f = tiered(cache, name="raising", hard_timeout=WAIT if detached else None)(loader.fn())
+    key = f.key(1)
+    results, _ = crowd(mode, N, lambda: f(1))
+    assert all(r is error for r in results), results
+    assert loader.calls == 1
+    stats = cache.stats()
+    assert stats.in_flight == 0
+    assert stats.l1_size == 0
+    assert stats.load_errors == 1
+    assert stats.errors_cached == 0
+    assert stats.lease_waits == 0
+    assert cache._core.local.entry(key) is None
+    if backend.raw is not None:
+        assert backend.raw.get(key) is None  # no value and no lease marker left behind
+        other = backend.cache()
+        g = tiered(other, name="raising")(Loader(mode, "from the other cache").fn())
+        assert mode.call(g, 1) == "from the other cache"
+        assert other.stats().lease_waits == 0
+        mode.call(f.invalidate, 1)
+    assert mode.call(f, 1) == "recovered"
+    assert loader.calls == 2
 
 
 def test_hard_timeout_serves_the_stale_value(mode: Any, gate: Gate, backend: FakeRedisCaches, clock: Clock) -> None:
@@ -176,3 +211,40 @@ def test_without_stale_ttl_the_error_propagates(mode: Any, backend: FakeRedisCac
     with pytest.raises(Boom):
         mode.call(f, 1)
     assert cache.stats().stale_served == 0
+
+
+def test_refresh_after_starts_one_background_refresh(
+    mode: Any, gate: Gate, backend: FakeRedisCaches, clock: Clock
+) -> None:
+    """Past ``refresh_after``, concurrent callers get the current value at once (the refresh is
+    held, so a caller that waited for it would time out) and exactly one refresh runs; once it
+    lands (in L1, and in Redis with a new TTL) the new value is served."""
+    cache = cache_on(backend, clock)
+    loader = Loader(mode, "v1", Pause("v2", until=gate), "v3")
+    f = tiered(cache, ttl=10, refresh_after=5)(loader.fn())
+    key = f.key(1)
+    assert mode.call(f, 1) == "v1"
+    clock.advance(4)
+    assert mode.call(f, 1) == "v1"
+    assert cache.stats().refreshes_ahead == 0
+    clock.advance(2)  # past refresh_after, before the TTL
+    results, elapsed = crowd(mode, N, lambda: f(1))
+    assert results == ["v1"] * N
+    assert elapsed < SLACK
+    eventually(lambda: loader.calls == 2, "the background refresh to call the function", mode=mode)
+    assert mode.call(f, 1) == "v1"  # still the current value while the refresh runs
+    assert cache.stats().refreshes_ahead == 1
+    gate.open()
+    eventually(lambda: cache._core.local.get(key) == "v2", "the refresh to land", mode=mode)
+    eventually(lambda: not cache._core.refreshing, "the refresh to end", mode=mode)
+    if backend.raw is not None:
+        assert stored(backend, cache, key) == "v2"
+        assert 5_000 < backend.raw.pttl(key) <= 10_000
+    assert mode.call(f, 1) == "v2"
+    assert loader.calls == 2
+    stats = cache.stats()
+    assert stats.refreshes_ahead == 1
+    assert stats.loads == 2
+    clock.advance(4)  # the refreshed entry has its own refresh point, 5 s after its fill
+    assert mode.call(f, 1) == "v2"
+    assert cache.stats().refreshes_ahead == 1

@@ -3,8 +3,9 @@ callers, cancelled and failing leaders, hard and soft timeouts, stale values, re
 expiry, TTL jitter in Redis, negative caching, and the circuit breaker with the server down.
 
 Scenarios with callers run through the sync driver (threads) and the async driver (tasks) via
-``mode``. (Stale values with timeouts or a raising function, written once for L1-only caches,
-fakeredis and real Redis: test_stampede_backends.py.) Redis expiry is stood in for by deleting
+``mode``. (A raising function's waiters, stale values with timeouts or on errors, one refresh
+after ``refresh_after``, written once for L1-only caches, fakeredis and real Redis:
+test_stampede_backends.py.) Redis expiry is stood in for by deleting
 the key behind the cache's back (no invalidation is published) while an injected clock moves
 L1 past its TTLs.
 """
@@ -199,40 +200,7 @@ def test_leader_cancelled_before_its_lease_reply_does_not_stall_waiters(
     assert cache.stats().in_flight == 0
 
 
-# -- 3. a raising function ----------------------------------------------------------------------
-
-
-def test_raising_function_gives_every_waiter_its_exception_and_caches_nothing(
-    mode: Any, make_cache: Callable[..., TieredCache], raw: redis.Redis, joined: Joined
-) -> None:
-    """Every concurrent caller gets the leader's exception object; nothing is cached, in L1 or
-    Redis (the lease is given back: another cache loads at once); the next call calls again."""
-    cache = make_cache()
-    error = Boom("database unavailable")
-    loader = Loader(mode, Pause(error, until=joined.reach(N - 1)), "recovered")
-    f = tiered(cache, name="raising")(loader.fn())
-    key = f.key(1)
-    results, _ = crowd(mode, N, lambda: f(1))
-    assert all(r is error for r in results), results
-    assert loader.calls == 1
-    stats = cache.stats()
-    assert stats.in_flight == 0
-    assert stats.load_errors == 1
-    assert stats.lease_waits == 0
-    assert stats.l1_size == 0
-    assert raw.get(key) is None  # no value and no lease marker left behind
-    other = make_cache()
-    g = tiered(other, name="raising")(Loader(mode, "from the other cache").fn())
-    started = time.monotonic()
-    assert mode.call(g, 1) == "from the other cache"
-    assert time.monotonic() - started < 1.0
-    assert other.stats().lease_waits == 0
-    mode.call(f.invalidate, 1)
-    assert mode.call(f, 1) == "recovered"
-    assert loader.calls == 2
-
-
-# -- 4. hard timeout ----------------------------------------------------------------------------
+# -- 3-4. a raising function (test_stampede_backends.py), hard timeout --------------------------
 
 
 def test_hard_timeout_releases_waiters_with_load_timeout_error(
@@ -296,33 +264,6 @@ def test_invalidation_by_another_cache_removes_the_stale_copy(
 
 
 # -- 7. refresh ahead ---------------------------------------------------------------------------
-
-
-def test_refresh_after_one_background_refresh_for_many_callers(
-    mode: Any, make_cache: Callable[..., TieredCache], raw: redis.Redis, clock: Clock, gate: Gate
-) -> None:
-    """Past ``refresh_after``, N concurrent callers get the current value without waiting (the
-    refresh is held at a gate) and exactly one refresh runs; it lands in Redis and L1 and the
-    new value is served."""
-    cache = make_cache(clock=clock)
-    loader = Loader(mode, "v1", Pause("v2", until=gate), "v2")
-    f = tiered(cache, ttl=60, refresh_after=30)(loader.fn())
-    key = f.key(1)
-    assert mode.call(f, 1) == "v1"
-    clock.advance(31)
-    results, elapsed = crowd(mode, N, lambda: f(1))
-    assert results == ["v1"] * N
-    assert elapsed < SLACK
-    eventually(lambda: loader.calls == 2, "the background refresh to call the function", mode=mode)
-    assert cache.stats().refreshes_ahead == 1
-    gate.open()
-    eventually(lambda: cache._core.local.get(key) == "v2", "the refresh to land in L1", mode=mode)
-    assert stored(cache, raw, key) == "v2"
-    eventually(lambda: not cache._core.refreshing, "the refresh to end", mode=mode)
-    assert mode.call(f, 1) == "v2"
-    assert loader.calls == 2
-    assert cache.stats().refreshes_ahead == 1
-    assert 25_000 < raw.pttl(key) <= 60_000
 
 
 def test_refresh_ahead_runs_in_one_cache_of_two(

@@ -2,9 +2,9 @@
 loads, cancelled and failing leaders, stale values, soft and hard timeouts, refresh ahead of
 expiry (refresh_after and XFetch), TTL jitter, negative caching, the circuit breaker, and the
 validation of the new arguments. Every scenario with callers runs through the sync driver
-(threads) and the async driver (tasks) via ``mode``. (Stale values with timeouts or a raising
-function, written once for L1-only caches, fakeredis and real Redis: test_stampede_backends.py
-in tests/integration.)"""
+(threads) and the async driver (tasks) via ``mode``. (A raising function's waiters, stale values
+with timeouts or on errors, one refresh after ``refresh_after``, written once for L1-only
+caches, fakeredis and real Redis: test_stampede_backends.py in tests/integration.)"""
 
 from __future__ import annotations
 
@@ -58,29 +58,6 @@ def test_detached_load_is_single_flight(mode: Any, l1: TieredCache, joined: Join
     assert stats.in_flight == 0
     assert stats.loads == 1
     assert stats.load_timeouts == 0
-
-
-@pytest.mark.parametrize("detached", [False, True], ids=["inline", "detached"])
-def test_failing_load_gives_every_waiter_the_same_exception(
-    mode: Any, l1: TieredCache, joined: Joined, detached: bool
-) -> None:
-    """The leader's exception object is raised in every caller that waited for it, nothing is
-    cached, and the next call calls the function again."""
-    error = Boom("upstream down")
-    waiting = N if detached else N - 1  # detached: the first caller waits on the load as well
-    loader = Loader(mode, Pause(error, until=joined.reach(waiting)), "recovered")
-    f = tiered(l1, hard_timeout=WAIT if detached else None)(loader.fn())
-    results, _ = crowd(mode, N, lambda: f(1))
-    assert all(r is error for r in results), results
-    assert loader.calls == 1
-    stats = l1.stats()
-    assert stats.in_flight == 0
-    assert stats.l1_size == 0
-    assert stats.load_errors == 1
-    assert stats.errors_cached == 0
-    assert l1._core.local.entry(f.key(1)) is None
-    assert mode.call(f, 1) == "recovered"
-    assert loader.calls == 2
 
 
 def test_cancelled_async_leader_hands_the_load_to_one_waiter(l1: TieredCache, joined: Joined, gate: Gate) -> None:
@@ -221,37 +198,6 @@ def test_stale_served_counts_every_caller(mode: Any, l1: TieredCache, clock: Clo
 
 
 # -- refresh ahead of expiry --------------------------------------------------------------------
-
-
-def test_refresh_after_starts_one_background_refresh(mode: Any, l1: TieredCache, clock: Clock, gate: Gate) -> None:
-    """Past ``refresh_after``, concurrent callers get the current value at once (the refresh is
-    held, so a caller that waited for it would time out) and exactly one refresh runs; once it
-    lands the new value is served."""
-    loader = Loader(mode, "v1", Pause("v2", until=gate), "v3")
-    f = tiered(l1, ttl=10, refresh_after=5)(loader.fn())
-    key = f.key(1)
-    assert mode.call(f, 1) == "v1"
-    clock.advance(4)
-    assert mode.call(f, 1) == "v1"
-    assert l1.stats().refreshes_ahead == 0
-    clock.advance(2)  # past refresh_after, before the TTL
-    results, elapsed = crowd(mode, N, lambda: f(1))
-    assert results == ["v1"] * N
-    assert elapsed < SLACK
-    eventually(lambda: loader.calls == 2, "the background refresh to call the function", mode=mode)
-    assert mode.call(f, 1) == "v1"  # still the current value while the refresh runs
-    assert l1.stats().refreshes_ahead == 1
-    gate.open()
-    eventually(lambda: l1._core.local.get(key) == "v2", "the refresh to land", mode=mode)
-    eventually(lambda: not l1._core.refreshing, "the refresh to end", mode=mode)
-    assert mode.call(f, 1) == "v2"
-    assert loader.calls == 2
-    stats = l1.stats()
-    assert stats.refreshes_ahead == 1
-    assert stats.loads == 2
-    clock.advance(4)  # the refreshed entry has its own refresh point, 5 s after its fill
-    assert mode.call(f, 1) == "v2"
-    assert l1.stats().refreshes_ahead == 1
 
 
 def test_refresh_after_expired_entry_is_an_ordinary_miss(mode: Any, l1: TieredCache, clock: Clock) -> None:
