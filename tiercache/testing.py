@@ -11,6 +11,7 @@ them, so the caches react through their real code paths. See docs/testing.md. Ne
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import importlib.util
@@ -59,7 +60,7 @@ class _Node:
         self.backend = backend
         self.name = name
         self.exempt = exempt  # backend.redis: never cut, never delayed, never dropped
-        self.partitioned = False
+        self.partitioned = ""  # "", "reset" or "silent"
         self.drop = 0.0  # bus messages to drop for this node (inf: all)
         self.hold = False
         self.delay = 0.0
@@ -76,9 +77,15 @@ class _Node:
 
     @property
     def cut(self) -> bool:
-        return not self.exempt and (self.partitioned or self.backend._down)
+        """Connections refused and reset."""
+        return not self.exempt and "reset" in (self.partitioned, self.backend._down)
 
-    def check(self) -> None:
+    @property
+    def silent(self) -> bool:
+        """A black hole: what is sent arrives only after the fault (TCP retransmits), if still wanted."""
+        return not self.exempt and not self.cut and "silent" in (self.partitioned, self.backend._down)
+
+    def refuse(self) -> None:
         if self.cut:
             why = "partitioned (MemoryRedis.partition)" if self.partitioned else "down (MemoryRedis.down)"
             raise redis.ConnectionError(f"tiercache.testing: Redis is unreachable from {self.name}: {why}")
@@ -90,12 +97,21 @@ class _SyncSocket(FakeSocket):
 
     tc_node: _Node
     tc_dead = False  # a subscriber connection torn down by a cut: never usable again
+    tc_unsent: list[Any] | None = None  # sent into a black hole: arrives when it ends
 
     def sendall(self, data: Any) -> None:
         if self.tc_dead:
             raise _reset()
-        self.tc_node.check()
+        self.tc_node.refuse()
+        if self.tc_node.silent:
+            with self.tc_node.backend._lock:
+                self.tc_unsent = [*(self.tc_unsent or ()), data]
+            return
         super().sendall(data)
+
+    def tc_send_now(self, data: Any) -> None:
+        if self.responses is not None:  # the client has not given up on this connection
+            super().sendall(data)
 
     def put_response(self, msg: Any) -> None:
         self.tc_node.backend._route(self, msg)
@@ -122,7 +138,10 @@ class _SyncConnection(fakeredis.FakeRedisConnection):
     node: ClassVar[_Node]
 
     def _connect(self) -> _SyncSocket:
-        self.node.check()
+        self.node.refuse()
+        if self.node.silent:  # a connection attempt into a black hole
+            time.sleep(self.socket_connect_timeout or 0.0)
+            raise redis.TimeoutError("Timeout connecting to server")
         return self.node.adopt(super()._connect(), _SyncSocket)
 
     def _broken(self) -> bool:
@@ -154,7 +173,10 @@ class _AsyncConnection(FakeAsyncRedisConnection):
     node: ClassVar[_Node]
 
     async def _connect(self) -> None:
-        self.node.check()
+        self.node.refuse()
+        if self.node.silent:
+            await asyncio.sleep(self.socket_connect_timeout or 0.0)
+            raise redis.TimeoutError("Timeout connecting to server")
         await super()._connect()
         assert self._sock is not None  # made by fakeredis's _connect
         self.node.adopt(self._sock, _AsyncSocket)
@@ -164,7 +186,13 @@ class _AsyncConnection(FakeAsyncRedisConnection):
         if isinstance(sock, _SyncSocket) and (sock.tc_dead or self.node.cut):
             await self.disconnect(nowait=True)
             raise _reset()
-        return await super().read_response(**kwargs)
+        if not self.node.silent or self.socket_timeout is None:
+            return await super().read_response(**kwargs)
+        try:  # a black hole: time out as a socket would (fakeredis would wait forever)
+            return await asyncio.wait_for(super().read_response(**kwargs), self.socket_timeout)
+        except asyncio.TimeoutError:
+            await self.disconnect(nowait=True)
+            raise redis.TimeoutError("Timeout reading from socket") from None
 
 
 class MemoryRedis:
@@ -173,7 +201,8 @@ class MemoryRedis:
     Each cache made by :meth:`cache` is a node, "a process". Faults apply to the caches'
     connections, never to :attr:`redis`, a plain client for the test to look at, seed or change
     Redis with. :meth:`down`/:meth:`up` and :meth:`partition`/:meth:`heal` make Redis
-    unreachable (refused, subscribers reset) for every cache or some; :meth:`drop_messages`
+    unreachable for every cache or some (refused and reset, or ``silent=True``: a black hole,
+    noticed by the timeouts and the subscribers' health check); :meth:`drop_messages`
     loses bus messages; :meth:`hold_messages`/:meth:`delay_messages` make what the server sends
     to the subscribers (messages and replies alike, in order, like a slow link) late, until
     :meth:`restore_messages`. ``down``, ``up``, ``partition`` and ``heal`` return once every
@@ -186,7 +215,7 @@ class MemoryRedis:
     def __init__(self, *, version: tuple[int, ...] = (7, 4)) -> None:
         self.server: Any = fakeredis.FakeServer(version=version)
         """The fakeredis server. Clients made on it directly bypass the message faults."""
-        self._down = False
+        self._down = ""  # "", "reset" or "silent"
         self._lock = threading.Lock()
         self._local = threading.local()
         self._all = _Node(self, "every node")  # faults set for every node (to=None)
@@ -198,7 +227,7 @@ class MemoryRedis:
         self._closed = False
         self._counter = itertools.count(1)
         admin = _Node(self, "backend.redis", exempt=True)
-        self.redis: redis.Redis = redis.Redis(connection_pool=self._sync_pool(admin, 5.0))
+        self.redis: redis.Redis = self._clients(admin, 5.0, 5.0)[0]
         """A client on the server that no fault touches: to inspect, seed or change Redis."""
 
     # -- caches -----------------------------------------------------------------------------
@@ -218,31 +247,27 @@ class MemoryRedis:
         if self._closed:
             raise ConfigError("MemoryRedis.cache(): this backend is closed; make a new MemoryRedis()")
         node = _Node(self, f"cache #{next(self._counter)} (namespace {kwargs.get('namespace', 'default')!r})")
-        timeout = float(kwargs.get("socket_timeout", 0.5))
-        async_pool = redis.asyncio.ConnectionPool(
-            connection_class=type("MemoryAsyncConnection", (_AsyncConnection,), {"node": node}),
-            server=self.server,
-            retry=AsyncRetry(NoBackoff(), 0),
-            socket_timeout=timeout,
+        # The timeouts TieredCache gives the pools it makes from a URL (a black hole needs them).
+        client, async_client = self._clients(
+            node, kwargs.get("socket_timeout", 0.5), kwargs.get("connect_timeout", 0.5)
         )
-        cache = TieredCache(
-            client=redis.Redis(connection_pool=self._sync_pool(node, timeout)),
-            async_client=redis.asyncio.Redis(connection_pool=async_pool),
-            **kwargs,
-        )
+        cache = TieredCache(client=client, async_client=async_client, **kwargs)
         self._nodes[cache] = node
         self._caches.append(cache)
-        if not node.cut:
+        if not (node.cut or node.silent):
             self._await_bus([cache], connected=True, timeout=5.0)
         return cache
 
-    def _sync_pool(self, node: _Node, timeout: float) -> redis.ConnectionPool:
-        return redis.ConnectionPool(
-            connection_class=type("MemoryConnection", (_SyncConnection,), {"node": node}),
-            server=self.server,
-            retry=Retry(NoBackoff(), 0),  # fail at once, as tiercache's own pools do
-            socket_timeout=timeout,
+    def _clients(self, node: _Node, timeout: float, connect_timeout: float) -> tuple[redis.Redis, redis.asyncio.Redis]:
+        """A sync and an async client of ``node``, failing at once as tiercache's own pools do."""
+        common = {"server": self.server, "socket_timeout": timeout, "socket_connect_timeout": connect_timeout}
+        sync_class = type("MemoryConnection", (_SyncConnection,), {"node": node})
+        async_class = type("MemoryAsyncConnection", (_AsyncConnection,), {"node": node})
+        sync_pool = redis.ConnectionPool(connection_class=sync_class, retry=Retry(NoBackoff(), 0), **common)
+        async_pool = redis.asyncio.ConnectionPool(
+            connection_class=async_class, retry=AsyncRetry(NoBackoff(), 0), **common
         )
+        return redis.Redis(connection_pool=sync_pool), redis.asyncio.Redis(connection_pool=async_pool)
 
     def _node(self, cache: TieredCache) -> _Node:
         try:
@@ -258,43 +283,75 @@ class MemoryRedis:
 
     # -- Redis away -------------------------------------------------------------------------
 
-    def down(self, timeout: float = 5.0) -> None:
-        """Take Redis away from every cache: commands and connections fail (ConnectionError),
-        the subscribers' connections reset. Returns once every subscriber has noticed."""
-        self._down = True
-        self._cut([n for n in self._nodes.values()], timeout)
+    def down(self, *, silent: bool = False, timeout: float = 5.0) -> None:
+        """Take Redis away from every cache: connections are refused, the subscribers' reset
+        (``silent``: a black hole, as a hung Redis or a dropped route; commands time out after
+        ``socket_timeout``, and each subscriber gives up within its ``staleness_bound``).
+        Returns once every subscriber has noticed."""
+        self._fault(list(self._nodes.values()), silent, timeout, everyone=True)
 
     def up(self, timeout: float = 5.0) -> None:
         """Bring Redis back (data intact: it was unreachable, not restarted). Returns once
         every cache not partitioned is subscribed again (the subscriber reconnects after its
         backoff, at most about 2 s; a cache's circuit breaker may skip Redis for another
         ``breaker_cooldown``)."""
-        self._down = False
-        self._await_bus([c for c, n in self._nodes.items() if not n.cut], connected=True, timeout=timeout)
+        self._down = ""
+        self._release(list(self._nodes.values()))
+        self._await_bus([c for c, n in self._nodes.items() if not n.partitioned], connected=True, timeout=timeout)
 
     @contextlib.contextmanager
-    def outage(self, timeout: float = 5.0) -> Iterator[None]:
+    def outage(self, *, silent: bool = False, timeout: float = 5.0) -> Iterator[None]:
         """``down()`` for the block, then ``up()``."""
-        self.down(timeout)
+        self.down(silent=silent, timeout=timeout)
         try:
             yield
         finally:
             self.up(timeout)
 
-    def partition(self, *caches: TieredCache, timeout: float = 5.0) -> None:
+    def partition(self, *caches: TieredCache, silent: bool = False, timeout: float = 5.0) -> None:
         """Cut these caches off Redis and the bus (as ``down()`` does), not the others."""
-        nodes = [self._node(c) for c in caches]
-        for node in nodes:
-            node.partitioned = True
-        self._cut(nodes, timeout)
+        self._fault([self._node(c) for c in caches], silent, timeout)
 
     def heal(self, *caches: TieredCache, timeout: float = 5.0) -> None:
         """End the partition of these caches (all, without arguments); returns once they are
         subscribed again (see ``up``)."""
-        targets = list(caches) if caches else list(self._nodes)
-        for cache in targets:
-            self._node(cache).partitioned = False
-        self._await_bus([c for c in targets if not self._nodes[c].cut], connected=True, timeout=timeout)
+        nodes = [self._node(c) for c in caches] if caches else list(self._nodes.values())
+        for node in nodes:
+            node.partitioned = ""
+        self._release(nodes)
+        healed = [c for c, n in self._nodes.items() if n in nodes and not n.cut]
+        self._await_bus(healed, connected=True, timeout=timeout)
+
+    def _fault(self, nodes: list[_Node], silent: bool, timeout: float, everyone: bool = False) -> None:
+        if everyone:
+            self._down = "silent" if silent else "reset"
+        else:
+            for node in nodes:
+                node.partitioned = "silent" if silent else "reset"
+        if silent:
+            self._await_bus([c for c, n in self._nodes.items() if n in nodes], connected=False, timeout=timeout)
+        else:
+            self._cut(nodes, timeout)
+
+    def _release(self, nodes: list[_Node]) -> None:
+        """The end of a black hole: what was sent meanwhile arrives, in order, both ways."""
+        unsent: list[tuple[_SyncSocket, list[Any]]] = []
+        with self._lock:
+            for node in nodes:
+                if node.silent:
+                    continue
+                for sock in list(node.sockets):
+                    if sock.tc_unsent:
+                        unsent.append((sock, sock.tc_unsent))
+                        sock.tc_unsent = None
+                    queue = self._queues.get(sock)
+                    if queue and not (node.hold or self._all.hold):
+                        now = time.monotonic()
+                        self._queues[sock] = collections.deque((min(due, now), msg) for due, msg in queue)
+            self._wakeup.notify_all()  # held replies and messages: see _route and _deliver_due
+        for sock, chunks in unsent:
+            for data in chunks:
+                sock.tc_send_now(data)
 
     def _cut(self, nodes: list[_Node], timeout: float) -> None:
         with self.server.lock, self._lock:  # the server's lock first, as in PUBLISH
@@ -359,9 +416,8 @@ class MemoryRedis:
             for node in [self._all, *self._nodes.values()]:
                 node.drop, node.hold, node.delay = 0.0, False, 0.0
             for sock, queue in list(self._queues.items()):
-                while queue:
+                while queue and not sock.tc_node.silent:  # a black hole lasts until healed
                     sock.tc_put_now(queue.popleft()[1])
-            self._queues.clear()
             self._wakeup.notify_all()
 
     def _take_global_drop(self) -> bool:
@@ -388,7 +444,7 @@ class MemoryRedis:
                     node.drop -= 1
                     return
             queue = self._queues.get(sock)
-            held = node.hold or self._all.hold
+            held = node.hold or self._all.hold or node.silent
             delay = max(node.delay, self._all.delay)
             if not held and not delay and not queue:
                 sock.tc_put_now(msg)
@@ -399,6 +455,7 @@ class MemoryRedis:
             if queue and queue[-1][0] > due:
                 due = queue[-1][0]  # in order, like a stream
             queue.append((due, msg))
+            self._start_postman()
             self._wakeup.notify_all()
 
     def _start_postman(self) -> None:

@@ -93,9 +93,10 @@ def test_down_fails_open_with_outage_l1_ttl(mode: Mode, memory: MemoryRedis, out
     assert memory.redis.exists(cache.key("k")) == 1
 
 
-def test_outage_context_manager(mode: Mode, memory: MemoryRedis) -> None:
-    cache = memory.cache(namespace="app")
-    with memory.outage():
+@pytest.mark.parametrize("silent", [False, True])
+def test_outage_context_manager(mode: Mode, memory: MemoryRedis, silent: bool) -> None:
+    cache = memory.cache(namespace="app", staleness_bound=0.2, socket_timeout=0.05, connect_timeout=0.05)
+    with memory.outage(silent=silent):  # a silent one is noticed by the health check
         assert cache.stats().bus_connected is False
         assert mode.run(mode.api(cache).set("k", 1)).seq is None  # the write failed open
     assert cache.stats().bus_connected is True
@@ -121,6 +122,24 @@ def test_partition_cuts_one_node_and_heal_resubscribes(mode: Mode, memory: Memor
     assert mode.run(mode.api(b).get("k")) == "v2"
     assert mode.run(mode.api(a).set("k", "v3", wait=True)).receivers == 2  # coherent again
     assert mode.run(mode.api(b).get("k")) == "v3"
+
+
+def test_a_silent_partition_times_out_and_fails_the_health_check(mode: Mode, memory: MemoryRedis) -> None:
+    """A black hole (no reset): commands time out after socket_timeout, and the subscriber's
+    unanswered PING gives the link up within staleness_bound, as with a real dropped route."""
+    a = memory.cache(namespace="app", **QUIET)
+    b = memory.cache(namespace="app", staleness_bound=0.2, socket_timeout=0.05, connect_timeout=0.05)
+    mode.run(mode.api(a).set("k", "old", wait=True))
+    assert mode.run(mode.api(b).get("k")) == "old"
+    memory.partition(b, silent=True)  # returns once b's health check gave the link up
+    assert (a.stats().bus_connected, b.stats().bus_connected) == (True, False)
+    errors = b.stats().backend_errors
+    assert mode.run(mode.api(b).get("k")) is None  # L1 flushed; the read timed out: fail open
+    assert b.stats().backend_errors == errors + 1
+    mode.run(mode.api(a).set("k", "new"))
+    memory.heal(b)  # returns once b is subscribed again
+    assert mode.run(mode.api(b).get("k")) == "new"
+    assert mode.run(mode.api(a).set("k", "newer", wait=True)).complete
 
 
 def test_held_messages_leave_a_node_stale_until_restored(mode: Mode, memory: MemoryRedis) -> None:
