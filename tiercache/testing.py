@@ -319,7 +319,7 @@ class MemoryRedis:
         for node in nodes:
             node.partitioned = ""
         self._release(nodes)
-        healed = [c for c, n in self._nodes.items() if n in nodes and not n.cut]
+        healed = [c for c, n in self._nodes.items() if n in nodes and not (n.cut or n.silent)]
         self._await_bus(healed, connected=True, timeout=timeout)
 
     def _fault(self, nodes: list[_Node], silent: bool, timeout: float, everyone: bool = False) -> None:
