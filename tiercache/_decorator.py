@@ -32,6 +32,7 @@ from ._keys import (
     scoped_key,
     version_key,
 )
+from ._local import FRESH_UNTIL, VALUE
 from ._policy import Policy
 from ._steps import Flow
 from ._types import CALL
@@ -383,10 +384,7 @@ def _hit_path(t: _Tiered) -> Callable[[tuple[Any, ...], dict[str, Any]], Any]:
     OrderedDict entry and its expiry, inlined from LocalCache.get (this is the hot path)."""
     keyfn = t._keyfn
     single = keyfn.single if isinstance(keyfn, KeyMaker) else {}
-    local = t._core.local
-    data_get = local._data.get
-    move_to_end = local._data.move_to_end
-    clock = local._clock
+    data_get, move_to_end, clock = t._core.local.hit_parts()
     counters = t._core.counters
     core = t._core
     countdown = _POLL_EVERY
@@ -407,14 +405,14 @@ def _hit_path(t: _Tiered) -> Callable[[tuple[Any, ...], dict[str, Any]], Any]:
         else:
             key = keyfn(args, kwargs)
         entry = data_get(key)
-        if entry is None or entry[1] <= clock():
+        if entry is None or entry[FRESH_UNTIL] <= clock():
             return _NeedLoad(key)
         try:
             move_to_end(key)
         except KeyError:  # evicted by another thread since the get: still a hit
             pass
         counters.l1_hits += 1
-        return entry[0]
+        return entry[VALUE]
 
     return hit
 
@@ -426,10 +424,7 @@ def _scoped_hit_path(t: _Tiered, scope: _Scope) -> Callable[[tuple[Any, ...], di
     keyfn = t._keyfn
     resolve = scope.resolve
     cached_versions = functools.partial(_scope.cached_versions, t._core)
-    local = t._core.local
-    data_get = local._data.get
-    move_to_end = local._data.move_to_end
-    clock = local._clock
+    data_get, move_to_end, clock = t._core.local.hit_parts()
     counters = t._core.counters
     core = t._core
     countdown = _POLL_EVERY
@@ -450,14 +445,14 @@ def _scoped_hit_path(t: _Tiered, scope: _Scope) -> Callable[[tuple[Any, ...], di
                 return _NeedLoad(base, (tenant, names))
             key = scoped_key(base, tenant, versions)
         entry = data_get(key)
-        if entry is None or entry[1] <= clock():
+        if entry is None or entry[FRESH_UNTIL] <= clock():
             return _NeedLoad(key)
         try:
             move_to_end(key)
         except KeyError:
             pass
         counters.l1_hits += 1
-        return entry[0]
+        return entry[VALUE]
 
     return hit
 

@@ -209,7 +209,7 @@ class FlightTable:
                 self._unwatch(w)
                 entry = entries.get(w.key)
                 if entry is not None and not w.dirty:
-                    self._local.put_until(w.key, entry[0], entry[1], entry[2])
+                    self._local.put_until(w.key, *entry)  # (value, expires, size)
 
     def unwatch(self, watches: Sequence[Flight]) -> None:
         """A write that did not happen and leaves L1 as it is (a refresh another process runs)."""

@@ -13,13 +13,21 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Final
 
 from ._types import MISSING
 
-__all__ = ["Entry", "LocalCache"]
+__all__ = ["FRESH_UNTIL", "SIZE", "STALE_UNTIL", "VALID_UNTIL", "VALUE", "Entry", "LocalCache"]
 
+#: An L1 entry: ``(value, fresh_until, size, valid_until, stale_until)``, read by position
+#: through these names everywhere (a plain tuple: a NamedTuple's field access and
+#: construction cost more on the hit path, measured with benchmarks/bench_core.py).
 Entry = tuple[Any, float, int, float, float]
+VALUE: Final = 0
+FRESH_UNTIL: Final = 1
+SIZE: Final = 2
+VALID_UNTIL: Final = 3
+STALE_UNTIL: Final = 4
 
 
 class LocalCache:
@@ -63,13 +71,13 @@ class LocalCache:
         entry = self._data.get(key)
         if entry is None:
             return MISSING
-        if entry[1] > self._clock():
+        if entry[FRESH_UNTIL] > self._clock():
             try:
                 self._data.move_to_end(key)
             except KeyError:  # removed by another thread since the get: still a hit
                 pass
-            return entry[0]
-        if entry[4] <= self._clock():
+            return entry[VALUE]
+        if entry[STALE_UNTIL] <= self._clock():
             self._remove_if(key, entry)
         return MISSING
 
@@ -79,14 +87,18 @@ class LocalCache:
         data, now, out = self._data, self._clock(), []
         for key in keys:
             entry = data.get(key)
-            if entry is None or entry[1] <= now:
+            if entry is None or entry[FRESH_UNTIL] <= now:
                 return None
             try:
                 data.move_to_end(key)
             except KeyError:  # removed by another thread since the get: still fresh
                 pass
-            out.append(entry[0])
+            out.append(entry[VALUE])
         return out
+
+    def hit_parts(self) -> tuple[Callable[[str], Entry | None], Callable[[str], None], Callable[[], float]]:
+        """What an inlined hit path binds once: the entries' ``get``, ``move_to_end``, the clock."""
+        return self._data.get, self._data.move_to_end, self._clock
 
     def entry(self, key: str) -> Entry | None:
         """The raw entry under ``key``, fresh or not (see the layout in ``__init__``)."""
@@ -126,26 +138,30 @@ class LocalCache:
         with self._lock:
             old = self._data.pop(key, None)
             if old is not None:
-                self.bytes -= old[2]
+                self.bytes -= old[SIZE]
             self._data[key] = entry
             self.bytes += size
             data = self._data
             while len(data) > self.maxsize or (self.maxbytes is not None and self.bytes > self.maxbytes):
                 _, evicted = data.popitem(last=False)
-                self.bytes -= evicted[2]
+                self.bytes -= evicted[SIZE]
 
     def pop(self, key: str) -> None:
         with self._lock:
             old = self._data.pop(key, None)
             if old is not None:
-                self.bytes -= old[2]
+                self.bytes -= old[SIZE]
 
     def clear(self, keep_stale: bool = False) -> None:
         """Drop every entry; ``keep_stale``: entries within their ``stale_ttl`` stay, but only
         to be served if the function fails (they are no longer fresh or valid)."""
         now = self._clock()
         with self._lock:
-            kept = [(k, e) for k, e in self._data.items() if e[4] > max(now, e[3])] if keep_stale else []
+            kept = (
+                [(k, e) for k, e in self._data.items() if e[STALE_UNTIL] > max(now, e[VALID_UNTIL])]
+                if keep_stale
+                else []
+            )
             self._data.clear()
             self.bytes = 0
             for key, (value, _, size, _, stale) in kept:
@@ -155,10 +171,10 @@ class LocalCache:
     def ttl_left(self, key: str) -> float | None:
         """Seconds until ``key`` expires in L1, or None when it is not there (for tests and stats)."""
         entry = self._data.get(key)
-        return None if entry is None else entry[1] - self._clock()
+        return None if entry is None else entry[FRESH_UNTIL] - self._clock()
 
     def _remove_if(self, key: str, entry: Entry) -> None:
         with self._lock:
             if self._data.get(key) is entry:
                 del self._data[key]
-                self.bytes -= entry[2]
+                self.bytes -= entry[SIZE]

@@ -12,6 +12,7 @@ from . import _remote, _write
 from ._core import LOADING, Core, ms, pttl_seconds
 from ._flight import Flight
 from ._lease import await_other
+from ._local import FRESH_UNTIL, STALE_UNTIL, VALID_UNTIL, VALUE
 from ._policy import CachedError, Policy
 from ._steps import Flow, Spawn, Wait
 from ._types import CALL, MISSING, RETRY, SKIPPED, SOLO
@@ -38,8 +39,8 @@ def read_through(core: Core, key: str, policy: Policy, load: bool) -> Flow[Any]:
     if policy.inspect:
         entry = core.local.entry(key)
         if entry is not None:
-            value, now = entry[0], core.clock()
-            if now < entry[3]:
+            value, now = entry[VALUE], core.clock()
+            if now < entry[VALID_UNTIL]:
                 if type(value) is CachedError:
                     raise value.error
                 # Past fresh_until but not expired: answer now, refresh in the background.
@@ -47,7 +48,7 @@ def read_through(core: Core, key: str, policy: Policy, load: bool) -> Flow[Any]:
                 if load:
                     yield from _refresh_ahead(core, key, policy)
                 return value
-            if now < entry[4] and type(value) is not CachedError:
+            if now < entry[STALE_UNTIL] and type(value) is not CachedError:
                 stale = value
     if key in LOADING.get():  # called from the loader of this very key
         return (yield from _solo(core, key, policy, load))
@@ -112,7 +113,7 @@ def _lead(core: Core, flight: Flight, key: str, policy: Policy, load: bool) -> F
     flight.finish(value)
     if policy.early and load:
         entry = core.local.entry(key)  # an L2 hit already due for its refresh
-        if entry is not None and entry[1] <= core.clock() < entry[3]:
+        if entry is not None and entry[FRESH_UNTIL] <= core.clock() < entry[VALID_UNTIL]:
             yield from _refresh_ahead(core, key, policy)
     return value
 
@@ -172,7 +173,7 @@ def _still_stale(core: Core, key: str, stale: Any) -> bool:
     if stale is MISSING:
         return False
     entry = core.local.entry(key)
-    return entry is not None and entry[0] is stale and core.clock() < entry[4]
+    return entry is not None and entry[VALUE] is stale and core.clock() < entry[STALE_UNTIL]
 
 
 def _serve_stale(core: Core, policy: Policy, why: str, count: bool = True) -> None:
