@@ -33,7 +33,17 @@ def test_cancelled_loads_leave_no_lease_behind(
 ) -> None:
     """Tasks cancelled at every point of their first loop iterations: while their read waits
     to be sent with the batch, while the batch is sent, while their function runs."""
-    cache = TieredCache(redis_server.url, namespace=namespace, lease_ttl=LEASE_TTL, coalesce_reads=coalesce)
+    # Generous timeouts: on a loaded machine a release that times out is lost, which
+    # is not what this test is about.
+    cache = TieredCache(
+        redis_server.url,
+        namespace=namespace,
+        lease_ttl=LEASE_TTL,
+        coalesce_reads=coalesce,
+        socket_timeout=5.0,
+        connect_timeout=5.0,
+        pool_timeout=5.0,
+    )
 
     @tiered(cache, name="slow")
     async def slow(x: int) -> int:
@@ -61,7 +71,14 @@ def test_cancelled_loads_leave_no_lease_behind(
 def test_a_hard_timeout_storm_leaves_no_lease_behind(redis_server: Any, raw: redis.Redis, namespace: str) -> None:
     """The reported storm: 1,000 tasks of distinct keys whose function outlasts hard_timeout,
     so every load is cancelled by its callers' timeout while the reads are coalesced."""
-    cache = TieredCache(redis_server.url, namespace=namespace, lease_ttl=LEASE_TTL)
+    cache = TieredCache(
+        redis_server.url,
+        namespace=namespace,
+        lease_ttl=LEASE_TTL,
+        socket_timeout=5.0,
+        connect_timeout=5.0,
+        pool_timeout=5.0,
+    )
 
     @tiered(cache, name="storm", hard_timeout=0.05)
     async def slow(x: int) -> int:
@@ -72,7 +89,7 @@ def test_a_hard_timeout_storm_leaves_no_lease_behind(redis_server: Any, raw: red
         assert await cache.aio.ready(5)
         got = await asyncio.gather(*(slow(i) for i in range(1000)), return_exceptions=True)
         assert all(isinstance(g, LoadTimeoutError) for g in got)
-        for _ in range(100):  # the cancelled loads finish their clean-up on their own tasks
+        for _ in range(600):  # the cancelled loads finish their clean-up on their own tasks
             if not _async._TASKS:
                 break
             await asyncio.sleep(0.05)
