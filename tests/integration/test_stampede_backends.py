@@ -3,7 +3,8 @@ redis-server (``backend``), through the sync and the async driver (``mode``): a 
 function's callers all get its exception, the hard timeout serves the stale value, the soft
 timeout serves it while the load lands later, the soft timeout waits when there is nothing
 stale, a raising function is answered with the stale value within ``stale_ttl`` and never after
-an invalidation, ``refresh_after`` starts one background refresh.
+an invalidation, ``refresh_after`` starts one background refresh, cached errors stay in the
+process that cached them.
 
 Redis expiry is stood in for by deleting the key behind the cache's back (no invalidation is
 published) while the injected clock moves L1 past its TTLs."""
@@ -248,3 +249,35 @@ def test_refresh_after_starts_one_background_refresh(
     clock.advance(4)  # the refreshed entry has its own refresh point, 5 s after its fill
     assert mode.call(f, 1) == "v2"
     assert cache.stats().refreshes_ahead == 1
+
+
+def test_cached_errors_stay_in_this_process(mode: Any, backend: FakeRedisCaches, clock: Clock) -> None:
+    """A listed exception is raised again from this process's L1 for ``error_ttl`` (the function
+    is not called); other exceptions are not cached; Redis keeps nothing (no value, no lease),
+    so another cache on the same Redis calls the function itself, without waiting."""
+    cache, other = cache_on(backend, clock), cache_on(backend, clock)
+    loader = Loader(mode, KeyError("user 404"))
+    f = tiered(cache, cache_errors=(KeyError,), error_ttl=30, name="user")(loader.fn())
+    for _ in range(3):
+        with pytest.raises(KeyError):
+            mode.call(f, 404)
+    assert loader.calls == 1
+    assert cache.stats().errors_cached == 1
+    if backend.raw is not None:
+        assert backend.raw.get(f.key(404)) is None
+    other_loader = Loader(mode, KeyError("user 404"))
+    g = tiered(other, cache_errors=(KeyError,), error_ttl=30, name="user")(other_loader.fn())
+    with pytest.raises(KeyError):
+        mode.call(g, 404)
+    assert other_loader.calls == 1
+    assert other.stats().errors_cached == 1
+    assert other.stats().lease_waits == 0
+    uncached = Loader(mode, ValueError("bad"), ValueError("bad again"), "ok")
+    h = tiered(cache, cache_errors=(KeyError,), name="other")(uncached.fn())
+    with pytest.raises(ValueError, match="bad"):
+        mode.call(h, 1)
+    with pytest.raises(ValueError, match="bad again"):
+        mode.call(h, 1)
+    assert mode.call(h, 1) == "ok"
+    assert uncached.calls == 3
+    assert cache.stats().errors_cached == 1

@@ -4,10 +4,9 @@ expiry, TTL jitter in Redis, negative caching, and the circuit breaker with the 
 
 Scenarios with callers run through the sync driver (threads) and the async driver (tasks) via
 ``mode``. (A raising function's waiters, stale values with timeouts or on errors, one refresh
-after ``refresh_after``, written once for L1-only caches, fakeredis and real Redis:
-test_stampede_backends.py.) Redis expiry is stood in for by deleting
-the key behind the cache's back (no invalidation is published) while an injected clock moves
-L1 past its TTLs.
+after ``refresh_after``, negative caching, written once for L1-only caches, fakeredis and real
+Redis: test_stampede_backends.py.) Redis expiry is stood in for by deleting the key behind the
+cache's back (no invalidation is published) while an injected clock moves L1 past its TTLs.
 """
 
 from __future__ import annotations
@@ -313,40 +312,7 @@ def test_ttl_jitter_spreads_redis_ttls_within_bounds(
     assert all(left is not None and left <= 60 for left in lefts)
 
 
-# -- 9. negative caching ------------------------------------------------------------------------
-
-
-def test_cached_errors_are_per_process(mode: Any, make_cache: Callable[..., TieredCache], raw: redis.Redis) -> None:
-    """A listed exception is raised again from this process's L1 for ``error_ttl`` (the function
-    is not called), other exceptions are not cached, and another cache on the same Redis
-    calls the function itself (nothing in Redis, no lease left)."""
-    cache = make_cache()
-    other = make_cache()
-    loader = Loader(mode, KeyError("user 404"))
-    f = tiered(cache, cache_errors=(KeyError,), error_ttl=30, name="user")(loader.fn())
-    for _ in range(3):
-        with pytest.raises(KeyError):
-            mode.call(f, 404)
-    assert loader.calls == 1
-    assert cache.stats().errors_cached == 1
-    assert raw.get(f.key(404)) is None
-    other_loader = Loader(mode, KeyError("user 404"))
-    g = tiered(other, cache_errors=(KeyError,), error_ttl=30, name="user")(other_loader.fn())
-    started = time.monotonic()
-    with pytest.raises(KeyError):
-        mode.call(g, 404)
-    assert time.monotonic() - started < 1.0
-    assert other_loader.calls == 1
-    uncached = Loader(mode, ValueError("bad"))
-    h = tiered(cache, cache_errors=(KeyError,), name="other")(uncached.fn())
-    for _ in range(2):
-        with pytest.raises(ValueError, match="bad"):
-            mode.call(h, 1)
-    assert uncached.calls == 2
-    assert cache.stats().errors_cached == 1
-
-
-# -- 10. the circuit breaker --------------------------------------------------------------------
+# -- 9-10. negative caching (test_stampede_backends.py), the circuit breaker --------------------------
 
 
 def test_breaker_opens_with_redis_down_and_closes_after_a_probe(

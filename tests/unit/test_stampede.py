@@ -3,8 +3,9 @@ loads, cancelled and failing leaders, stale values, soft and hard timeouts, refr
 expiry (refresh_after and XFetch), TTL jitter, negative caching, the circuit breaker, and the
 validation of the new arguments. Every scenario with callers runs through the sync driver
 (threads) and the async driver (tasks) via ``mode``. (A raising function's waiters, stale values
-with timeouts or on errors, one refresh after ``refresh_after``, written once for L1-only
-caches, fakeredis and real Redis: test_stampede_backends.py in tests/integration.)"""
+with timeouts or on errors, one refresh after ``refresh_after``, cached errors staying in their
+process, written once for L1-only caches, fakeredis and real Redis: test_stampede_backends.py in
+tests/integration.)"""
 
 from __future__ import annotations
 
@@ -367,57 +368,6 @@ def test_cache_errors_caches_listed_exceptions_for_error_ttl(mode: Any, l1: Tier
     with pytest.raises(KeyError):
         mode.call(f, 1)
     assert loader.calls == 3
-
-
-def test_cache_errors_leaves_other_exceptions_uncached(mode: Any, l1: TieredCache) -> None:
-    loader = Loader(mode, ValueError("bad"), ValueError("bad again"), "ok")
-    f = tiered(l1, cache_errors=(LookupError,))(loader.fn())
-    with pytest.raises(ValueError, match="bad"):
-        mode.call(f, 1)
-    with pytest.raises(ValueError, match="bad again"):
-        mode.call(f, 1)
-    assert mode.call(f, 1) == "ok"
-    assert loader.calls == 3
-    assert l1.stats().errors_cached == 0
-
-
-def test_cached_error_does_not_leave_a_lease_in_redis(mode: Any, clock: Clock) -> None:
-    """Cached exceptions stay in this process's L1: Redis keeps nothing (no value, no lease),
-    and another cache on the same Redis calls the function itself."""
-    server = fakeredis.FakeServer()
-    raw = fakeredis.FakeRedis(server=server)
-    caches = [
-        TieredCache(
-            client=fakeredis.FakeRedis(server=server),
-            async_client=fakeredis.FakeAsyncRedis(server=server),
-            namespace="negative",
-            clock=clock,
-        )
-        for _ in range(2)
-    ]
-    try:
-        assert all(c.ready() for c in caches)
-        loaders = [Loader(mode, KeyError("gone")) for _ in caches]
-        fs = [
-            tiered(c, cache_errors=(KeyError,), error_ttl=60, name="user")(ld.fn())
-            for c, ld in zip(caches, loaders, strict=True)
-        ]
-        for _ in range(2):
-            with pytest.raises(KeyError):
-                mode.call(fs[0], 7)
-        assert loaders[0].calls == 1
-        assert raw.get(fs[0].key(7)) is None
-        with pytest.raises(KeyError):
-            mode.call(fs[1], 7)
-        assert loaders[1].calls == 1
-        assert caches[0].stats().errors_cached == 1
-        assert caches[1].stats().errors_cached == 1
-    finally:
-        for c in caches:
-            if mode.is_async:
-                mode.run(c.aclose())
-            else:
-                c.close()
 
 
 # -- the circuit breaker ------------------------------------------------------------------------
