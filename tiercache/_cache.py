@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import inspect
 import logging
 import math
 import os
@@ -17,11 +16,8 @@ from typing import Any
 
 import redis
 import redis.asyncio
-from redis.asyncio.retry import Retry as AsyncRetry
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
-from . import _async, _subscriber, _sync
+from . import _connect, _subscriber
 from ._codec import Codec, MsgpackSerializer
 from ._coherence import WriteResult
 from ._core import Core
@@ -178,7 +174,7 @@ class TieredCache:
             compress_threshold=compress_threshold,
             max_value_bytes=max_value_bytes,
         )
-        self._sync, self._async = _connect(
+        self._sync, self._async = _connect.connect(
             url, client, async_client, socket_timeout, connect_timeout, pool_size, pool_timeout
         )
         has_remote = self._sync is not None
@@ -196,8 +192,8 @@ class TieredCache:
             coherent=coherent,
             strict=strict,
             clock=clock,
-            block_slice=_block_slice(self._sync, socket_timeout),
-            db=_database(self._sync),
+            block_slice=_connect.block_slice(self._sync, socket_timeout),
+            db=_connect.database(self._sync),
             lease_ttl=lease_ttl,
             breaker_threshold=breaker_threshold,
             breaker_cooldown=breaker_cooldown,
@@ -473,17 +469,6 @@ def _track_for_fork(cache: TieredCache) -> None:
         _fork_hook_registered = True
 
 
-def _database(remote: _sync.SyncRedis | None) -> int:
-    return int(remote.pool.connection_kwargs.get("db") or 0) if remote is not None else 0
-
-
-def _block_slice(remote: _sync.SyncRedis | None, socket_timeout: float) -> float:
-    """How long one blocking command (BLPOP) may wait: well inside the connection's socket
-    timeout, which is the client's own when ``client=`` was given."""
-    own = remote.pool.connection_kwargs.get("socket_timeout") if remote is not None else None
-    return min(0.1, (own or socket_timeout) / 2)
-
-
 def _positive(name: str, value: float | None, *, allow_zero: bool = False, optional: bool = False) -> None:
     if value is None and optional:
         return
@@ -491,91 +476,3 @@ def _positive(name: str, value: float | None, *, allow_zero: bool = False, optio
     if not ok or value < 0 or (value == 0 and not allow_zero):  # type: ignore[operator]
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(f"{name}={value!r} must be a finite number of seconds {bound}")
-
-
-def _connect(
-    url: str | None,
-    client: redis.Redis | None,
-    async_client: redis.asyncio.Redis | None,
-    socket_timeout: float,
-    connect_timeout: float,
-    pool_size: int,
-    pool_timeout: float,
-) -> tuple[_sync.SyncRedis | None, _async.AsyncRedis | None]:
-    """The sync and async executors for the configured Redis (None, None: L1 only)."""
-    common: dict[str, Any] = {
-        "max_connections": pool_size,
-        "timeout": pool_timeout,
-        "socket_timeout": socket_timeout,
-        "socket_connect_timeout": connect_timeout,
-    }
-    sync_pool: redis.ConnectionPool
-    if url is not None:
-        try:
-            sync_pool = redis.BlockingConnectionPool.from_url(url, retry=Retry(NoBackoff(), 0), **common)
-        except ValueError as exc:
-            raise ConfigError(f"url={url!r} is not a Redis URL: {exc}") from None
-        async_url = url
-    elif client is not None:
-        if not isinstance(client, redis.Redis):
-            raise ConfigError(f"client={client!r} must be a redis.Redis (Redis Cluster support is not built yet)")
-        sync_pool = client.connection_pool
-        async_url = None
-    elif async_client is not None:
-        raise ConfigError("async_client= needs url or client= too (sync calls need a client)")
-    else:
-        return None, None
-    if sync_pool.connection_kwargs.get("decode_responses"):
-        raise ConfigError("client= must be created with decode_responses=False: values are bytes")
-
-    if async_client is not None:
-        if async_client.connection_pool.connection_kwargs.get("decode_responses"):
-            raise ConfigError("async_client= must be created with decode_responses=False")
-        return _sync.SyncRedis(sync_pool), _async.AsyncRedis(pool=async_client.connection_pool)
-
-    if async_url is not None:
-
-        def make_async_pool() -> redis.asyncio.ConnectionPool:
-            return redis.asyncio.ConnectionPool.from_url(
-                async_url,
-                retry=AsyncRetry(NoBackoff(), 0),
-                max_connections=pool_size,
-                socket_timeout=socket_timeout,
-                socket_connect_timeout=connect_timeout,
-            )
-
-        make: Callable[[], Any] | None = make_async_pool
-    else:
-        make = _async_twin(sync_pool, common)
-    return _sync.SyncRedis(sync_pool), _async.AsyncRedis(make_pool=make, limit=pool_size, wait=pool_timeout)
-
-
-def _async_twin(sync_pool: redis.ConnectionPool, common: dict[str, Any]) -> Callable[[], Any] | None:
-    """A factory of async pools connecting where ``client=``'s pool connects, with the same
-    settings (TLS included), or None for a connection class we do not know (e.g. fakeredis):
-    async calls then raise ConfigError asking for ``async_client=`` rather than guessing."""
-    twin = {
-        redis.Connection: redis.asyncio.Connection,
-        redis.SSLConnection: redis.asyncio.SSLConnection,
-        redis.UnixDomainSocketConnection: redis.asyncio.UnixDomainSocketConnection,
-    }.get(sync_pool.connection_class)
-    if twin is None:
-        return None
-    accepted: set[str] = set()
-    for klass in twin.__mro__:
-        init = vars(klass).get("__init__")
-        if init is not None and klass is not object:
-            accepted |= set(inspect.signature(init).parameters)
-    skip = {"retry", "self", "event_dispatcher", "redis_connect_func", "parser_class"}
-    kwargs = {k: v for k, v in sync_pool.connection_kwargs.items() if k in accepted and k not in skip}
-    kwargs.update({k: common[k] for k in ("socket_timeout", "socket_connect_timeout")})
-
-    def make() -> redis.asyncio.ConnectionPool:
-        return redis.asyncio.ConnectionPool(
-            connection_class=twin,
-            retry=AsyncRetry(NoBackoff(), 0),
-            max_connections=common["max_connections"],
-            **kwargs,
-        )
-
-    return make

@@ -14,12 +14,12 @@ import functools
 import inspect
 import typing
 from collections.abc import Callable, Coroutine, Iterable, Sequence
-from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, overload
+from typing import Any, ParamSpec, TypeVar, overload
 
 from . import _read, _scope, _write
 from ._cache import TieredCache, _positive, engine_of
 from ._coherence import WriteResult
-from ._engine import Engine
+from ._hit import KeyFn, NeedLoad, Scope, hit_path
 from ._keys import (
     KeyMaker,
     KeySpace,
@@ -28,12 +28,10 @@ from ._keys import (
     claim_prefix,
     digest,
     function_prefix,
-    scope_name,
     scoped_key,
-    version_key,
 )
-from ._local import FRESH_UNTIL, VALUE
 from ._policy import Policy
+from ._protocols import AsyncTieredFunction, TieredFunction
 from ._steps import Flow
 from ._types import CALL
 from .errors import BackendError, ConfigError
@@ -41,52 +39,9 @@ from .errors import BackendError, ConfigError
 __all__ = ["AsyncTieredFunction", "TieredFunction", "tiered"]
 
 P = ParamSpec("P")
-_KeyFn = Callable[[tuple[Any, ...], dict[str, Any]], str]
 R = TypeVar("R")
 _P2 = ParamSpec("_P2")
 _S = TypeVar("_S")
-
-
-class _NeedLoad:
-    """What the hit path answers on a miss: the key it derived, so the miss path need not;
-    with ``scope`` (tenant, version keys), the unscoped key, whose versions L1 lacks."""
-
-    __slots__ = ("key", "scope")
-
-    def __init__(self, key: str, scope: tuple[str | None, list[str]] | None = None) -> None:
-        self.key = key
-        self.scope = scope
-
-
-class _Scope:
-    """A function's tags and tenant: which version counters its keys depend on (see
-    ``_keys.scoped_key``). Tags are static names or a function of the call's arguments; the
-    tenant comes from ``tenant=`` (a function of the arguments) or the cache's current
-    ``cache.tenant(...)`` scope."""
-
-    __slots__ = ("_namespace", "_static", "_tags_fn", "_tenant_fn", "_tenant_var")
-
-    def __init__(self, engine: Engine, tags: Any, tenant: Callable[..., Any] | None) -> None:
-        self._namespace = engine.namespace
-        self._tags_fn: Callable[..., Any] | None = tags if callable(tags) else None
-        self._static = [] if tags is None or callable(tags) else [version_key(engine.namespace, "tag", t) for t in tags]
-        self._tenant_fn = tenant
-        self._tenant_var = engine.tenant_var
-
-    def resolve(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str | None, list[str]]:
-        tenant_fn, var = self._tenant_fn, self._tenant_var
-        tenant: Any = tenant_fn(*args, **kwargs) if tenant_fn is not None else var.get() if var is not None else None
-        if tenant is not None and type(tenant) is not str:
-            tenant = scope_name(tenant, "tenant")  # an int id as its decimal string, as version_key names it
-        names = self._static
-        if self._tags_fn is not None:
-            tags = self._tags_fn(*args, **kwargs)
-            if isinstance(tags, str):
-                tags = (tags,)
-            names = [version_key(self._namespace, "tag", t) for t in tags]
-        if tenant is not None:
-            names = [*names, version_key(self._namespace, "tenant", tenant)]
-        return tenant, names
 
 
 class _Tiered:
@@ -120,11 +75,11 @@ class _Tiered:
             raise ConfigError(f"refresh_after={refresh_after} must be less than ttl={ttl} (it refreshes before expiry)")
         tags, tenant = options.pop("tags"), options.pop("tenant")
         scoped = tags is not None or tenant is not None or engine.tenant_var is not None
-        self._scope = _Scope(engine, tags, tenant) if scoped else None
+        self._scope = Scope(engine, tags, tenant) if scoped else None
         self._policy = Policy(qualname, ttl, self._core.l1_ttl if l1_ttl is None else l1_ttl, **options)
         function_prefix(cache.namespace, name or qualname)  # validates the name
         self._prefix = f"f:{name or qualname}:"  # after the namespace's (generation's) root
-        self._keyfn: _KeyFn
+        self._keyfn: KeyFn
         self._binding = ""
         # A first parameter named ``self`` makes a method, wherever the function is defined
         # (``m = tiered(cache)(f)`` in a class body binds like a method defined there).
@@ -172,7 +127,7 @@ class _Tiered:
             return (yield CALL)
         return (yield from _write.refresh(self._core, key, self._policy))
 
-    def _miss_flow(self, need: _NeedLoad) -> Flow[Any]:
+    def _miss_flow(self, need: NeedLoad) -> Flow[Any]:
         if self._hints_pending:
             self._register_return_types()
         if need.scope is None:
@@ -248,97 +203,20 @@ class _Tiered:
         return f"<tiered {self._policy.name}>"
 
 
-class TieredFunction(Protocol[P, R]):
-    """What ``@tiered`` makes of a sync function: call it as the function; it also has helpers.
-
-    Example:
-        >>> cache = TieredCache(namespace="docs")
-        >>> @tiered(cache, ttl=60)
-        ... def square(x: int) -> int:
-        ...     return x * x
-        >>> square(4), square(4), square.__wrapped__(5)
-        (16, 16, 25)
-        >>> _ = square.invalidate(4)
-        >>> square.key(4) == square.key(x=4)
-        True
-    """
-
-    __wrapped__: Callable[P, R]
-    cache: TieredCache
-
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R: ...
-
-    def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> WriteResult:
-        """Drop this call's entry from Redis and from the L1 of every process.
-
-        To wait until every process has dropped it: ``cache.invalidate(f.key(...), wait=True)``."""
-        ...
-
-    def refresh(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        """Call the function now, store the result in both tiers (telling every process), return it."""
-        ...
-
-    def key(self, *args: P.args, **kwargs: P.kwargs) -> str:
-        """The Redis key this call uses."""
-        ...
-
-    @overload
-    def __get__(self, instance: None, owner: type[Any] | None = None) -> TieredFunction[P, R]: ...
-
-    @overload
-    def __get__(
-        self: TieredFunction[Concatenate[_S, _P2], R], instance: _S, owner: type[Any] | None = None
-    ) -> TieredFunction[_P2, R]: ...
-
-    def __get__(self, instance: Any, owner: type[Any] | None = None) -> Any: ...
-
-
-class AsyncTieredFunction(Protocol[P, R]):
-    """What ``@tiered`` makes of an ``async def``: ``await f(...)``, ``await f.invalidate(...)``,
-    ``await f.refresh(...)``; ``f.key(...)`` is plain."""
-
-    __wrapped__: Callable[P, Coroutine[Any, Any, R]]
-    cache: TieredCache
-
-    async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R: ...
-
-    async def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> WriteResult:
-        """Drop this call's entry from Redis and from the L1 of every process."""
-        ...
-
-    async def refresh(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        """Call the function now, store the result in both tiers (telling every process), return it."""
-        ...
-
-    def key(self, *args: P.args, **kwargs: P.kwargs) -> str:
-        """The Redis key this call uses."""
-        ...
-
-    @overload
-    def __get__(self, instance: None, owner: type[Any] | None = None) -> AsyncTieredFunction[P, R]: ...
-
-    @overload
-    def __get__(
-        self: AsyncTieredFunction[Concatenate[_S, _P2], R], instance: _S, owner: type[Any] | None = None
-    ) -> AsyncTieredFunction[_P2, R]: ...
-
-    def __get__(self, instance: Any, owner: type[Any] | None = None) -> Any: ...
-
-
 class _SyncTiered(_Tiered):
     """The implementation behind a sync TieredFunction."""
 
     def _make_call(self) -> Callable[..., Any]:
-        hit = _hit_path(self)
+        hit = hit_path(self._keyfn, self._core, self._scope)
         miss = self._miss
 
         def call(*args: Any, **kwargs: Any) -> Any:
             value = hit(args, kwargs)
-            return miss(value, args, kwargs) if type(value) is _NeedLoad else value
+            return miss(value, args, kwargs) if type(value) is NeedLoad else value
 
         return call
 
-    def _miss(self, need: _NeedLoad, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def _miss(self, need: NeedLoad, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         flow = self._miss_flow(need)
         return self._engine.run(flow, functools.partial(self._fn, *args, **kwargs))
 
@@ -354,16 +232,16 @@ class _AsyncTiered(_Tiered):
     """The implementation behind an AsyncTieredFunction."""
 
     def _make_call(self) -> Callable[..., Any]:
-        hit = _hit_path(self)
+        hit = hit_path(self._keyfn, self._core, self._scope)
         miss = self._miss
 
         async def call(*args: Any, **kwargs: Any) -> Any:
             value = hit(args, kwargs)  # the L1 hit: no I/O, no generator, no await
-            return await miss(value, args, kwargs) if type(value) is _NeedLoad else value
+            return await miss(value, args, kwargs) if type(value) is NeedLoad else value
 
         return call
 
-    async def _miss(self, need: _NeedLoad, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    async def _miss(self, need: NeedLoad, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         flow = self._miss_flow(need)
         return await self._engine.arun(flow, functools.partial(self._fn, *args, **kwargs))
 
@@ -373,88 +251,6 @@ class _AsyncTiered(_Tiered):
     async def refresh(self, *args: Any, **kwargs: Any) -> Any:
         flow = self._refresh_flow(args, kwargs)
         return await self._engine.arun(flow, functools.partial(self._fn, *args, **kwargs))
-
-
-_POLL_EVERY = 256
-
-
-def _hit_path(t: _Tiered) -> Callable[[tuple[Any, ...], dict[str, Any]], Any]:
-    """The L1 lookup of one decorated function, shared by its sync and async wrappers: the
-    key (single-argument calls from a per-type memo, without building a tuple), then the
-    OrderedDict entry and its expiry, inlined from LocalCache.get (this is the hot path)."""
-    keyfn = t._keyfn
-    single = keyfn.single if isinstance(keyfn, KeyMaker) else {}
-    data_get, move_to_end, clock = t._core.local.hit_parts()
-    counters = t._core.counters
-    core = t._core
-    countdown = _POLL_EVERY
-    if t._scope is not None:
-        return _scoped_hit_path(t, t._scope)
-
-    def hit(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        nonlocal countdown
-        countdown -= 1
-        if countdown <= 0:  # let invalidations that arrived in while we hold the GIL apply now
-            countdown = _POLL_EVERY
-            core.poll()
-        if len(args) == 1 and not kwargs:
-            memo = single.get(type(args[0]))
-            key = memo.get(args[0]) if memo is not None else None
-            if key is None:
-                key = keyfn(args, kwargs)
-        else:
-            key = keyfn(args, kwargs)
-        entry = data_get(key)
-        if entry is None or entry[FRESH_UNTIL] <= clock():
-            return _NeedLoad(key)
-        try:
-            move_to_end(key)
-        except KeyError:  # evicted by another thread since the get: still a hit
-            pass
-        counters.l1_hits += 1
-        return entry[VALUE]
-
-    return hit
-
-
-def _scoped_hit_path(t: _Tiered, scope: _Scope) -> Callable[[tuple[Any, ...], dict[str, Any]], Any]:
-    """The hit path of a function with tags or a tenant: the unscoped key as in ``_hit_path``,
-    then the versions of its tags and tenant from L1 (a miss there sends the call to the slow
-    path, which reads them from Redis), then the scoped key's entry."""
-    keyfn = t._keyfn
-    resolve = scope.resolve
-    cached_versions = functools.partial(_scope.cached_versions, t._core)
-    data_get, move_to_end, clock = t._core.local.hit_parts()
-    counters = t._core.counters
-    core = t._core
-    countdown = _POLL_EVERY
-
-    def hit(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        nonlocal countdown
-        countdown -= 1
-        if countdown <= 0:
-            countdown = _POLL_EVERY
-            core.poll()
-        base = keyfn(args, kwargs)
-        tenant, names = resolve(args, kwargs)
-        if not names:
-            key = base
-        else:
-            versions = cached_versions(names)
-            if versions is None:
-                return _NeedLoad(base, (tenant, names))
-            key = scoped_key(base, tenant, versions)
-        entry = data_get(key)
-        if entry is None or entry[FRESH_UNTIL] <= clock():
-            return _NeedLoad(key)
-        try:
-            move_to_end(key)
-        except KeyError:
-            pass
-        counters.l1_hits += 1
-        return entry[VALUE]
-
-    return hit
 
 
 class _Bound:
@@ -633,7 +429,7 @@ def _first_param(fn: Callable[..., Any]) -> str | None:
     return params[0] if params else None
 
 
-def _custom_key(key: Callable[..., Any], space: KeySpace, prefix: str) -> _KeyFn:
+def _custom_key(key: Callable[..., Any], space: KeySpace, prefix: str) -> KeyFn:
     def derive(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         k = key(*args, **kwargs)
         if isinstance(k, str):
