@@ -54,7 +54,9 @@ def run_concurrently(mode: Any, f: Callable[..., Any], args: list[Any], timeout:
 
 
 def test_200_concurrent_callers_on_a_pool_of_8(mode: Any, own_redis: Any, own_raw: Any, make_cache: Any) -> None:
-    cache = make_cache(url=named_url(own_redis.url, "tc-pool"), pool_size=8, pool_timeout=30, socket_timeout=5)
+    cache = make_cache(
+        url=named_url(own_redis.url, "tc-pool"), pool_size=8, pool_timeout=30, socket_timeout=5, connect_timeout=5
+    )
     calls: list[int] = []
 
     def load(x: int) -> dict[str, int]:
