@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.support import Clock, FakeRedisCaches, Gate, Joined, L1Caches, Mode, RedisCaches, RedisServer
+from tests.support import Clock, FakeRedisCaches, Gate, Joined, L1Caches, MemoryCaches, Mode, RedisCaches, RedisServer
 from tiercache._flight import Flight
 
 
@@ -42,14 +42,16 @@ def mode(request: pytest.FixtureRequest) -> Iterator[Mode]:
     m.close()
 
 
-@pytest.fixture(params=["fakeredis", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.fixture(params=["memory", "fakeredis", pytest.param("redis", marks=pytest.mark.redis)])
 def backend(request: pytest.FixtureRequest, mode: Mode, namespace: str) -> Iterator[FakeRedisCaches]:
-    """The Redis a scenario written once runs on: fakeredis, or the session's real redis-server
-    (in this test's namespace); or none ("l1", for a module that parametrizes ``backend`` with
-    it). ``backend.cache(**kwargs)`` makes a subscribed cache, closed at teardown;
-    ``backend.raw`` looks behind the caches (None without Redis)."""
+    """The Redis a scenario written once runs on: tiercache.testing's in-memory Redis, fakeredis,
+    or the session's real redis-server (in this test's namespace); or none ("l1", for a module
+    that parametrizes ``backend`` with it). ``backend.cache(**kwargs)`` makes a subscribed
+    cache, closed at teardown; ``backend.raw`` looks behind the caches (None without Redis)."""
     deployment: FakeRedisCaches
-    if request.param == "fakeredis":
+    if request.param == "memory":
+        deployment = MemoryCaches(mode, namespace)
+    elif request.param == "fakeredis":
         deployment = FakeRedisCaches(mode, namespace)
     elif request.param == "l1":
         deployment = L1Caches(mode, namespace)

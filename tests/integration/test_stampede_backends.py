@@ -1,10 +1,10 @@
-"""Stampede scenarios written once and run on an L1-only cache, fakeredis and a real
-redis-server (``backend``), through the sync and the async driver (``mode``): a raising
-function's callers all get its exception, the hard timeout serves the stale value, the soft
-timeout serves it while the load lands later, the soft timeout waits when there is nothing
-stale, a raising function is answered with the stale value within ``stale_ttl`` and never after
-an invalidation, ``refresh_after`` starts one background refresh, cached errors stay in the
-process that cached them.
+"""Stampede scenarios written once and run on an L1-only cache, the in-memory Redis of
+tiercache.testing, fakeredis and a real redis-server (``backend``), through the sync and the
+async driver (``mode``): a raising function's callers all get its exception, the hard timeout
+serves the stale value, the soft timeout serves it while the load lands later, the soft
+timeout waits when there is nothing stale, a raising function is answered with the stale value
+within ``stale_ttl`` and never after an invalidation, ``refresh_after`` starts one background
+refresh, cached errors stay in the process that cached them.
 
 Redis expiry is stood in for by deleting the key behind the cache's back (no invalidation is
 published) while the injected clock moves L1 past its TTLs."""
@@ -20,7 +20,7 @@ from tests.support import WAIT, Boom, Clock, FakeRedisCaches, Gate, Joined, Load
 from tiercache import TieredCache, tiered
 
 pytestmark = pytest.mark.parametrize(
-    "backend", ["l1", "fakeredis", pytest.param("redis", marks=pytest.mark.redis)], indirect=True
+    "backend", ["l1", "memory", "fakeredis", pytest.param("redis", marks=pytest.mark.redis)], indirect=True
 )
 
 N = 8  # concurrent callers

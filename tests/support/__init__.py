@@ -6,7 +6,7 @@ Fixtures built on these live in ``tests/conftest.py`` (``clock``, ``gate``, ``jo
 
 from tests.support.clock import Clock
 from tests.support.loader import AsyncOnly, Boom, Embedder, Loader, Pause, SyncOnly
-from tests.support.modes import FakeRedisCaches, L1Caches, Mode, RedisCaches
+from tests.support.modes import FakeRedisCaches, L1Caches, MemoryCaches, Mode, RedisCaches
 from tests.support.redis_server import RedisServer, free_port, named_clients, named_url, other_clients, ready
 from tests.support.waiting import WAIT, Gate, Joined, Mark, aeventually, crowd, eventually
 
@@ -22,6 +22,7 @@ __all__ = [
     "L1Caches",
     "Loader",
     "Mark",
+    "MemoryCaches",
     "Mode",
     "Pause",
     "RedisCaches",

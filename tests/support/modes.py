@@ -125,3 +125,29 @@ class L1Caches(FakeRedisCaches):
         cache = TieredCache(**{"namespace": self.namespace, **self.defaults, **kwargs})
         self.caches.append(cache)
         return cache
+
+
+class MemoryCaches(FakeRedisCaches):
+    """:class:`FakeRedisCaches` on ``tiercache.testing.MemoryRedis`` (the in-memory Redis users
+    get for their own tests): ``raw`` is its fault-free client."""
+
+    def __init__(self, mode: Mode, namespace: str, **defaults: Any) -> None:
+        from tiercache.testing import MemoryRedis
+
+        self.mode = mode
+        self.namespace = namespace
+        self.defaults = defaults
+        self.memory = MemoryRedis()
+        self.raw = self.memory.redis
+        self.caches = []
+
+    def cache(self, **kwargs: Any) -> Any:
+        cache = self.memory.cache(**{"namespace": self.namespace, **self.defaults, **kwargs})
+        self.caches.append(cache)
+        return cache
+
+    def close(self) -> None:
+        if self.mode.is_async:
+            self.mode.run(self.memory.aclose())  # the async pools of the mode's loop too
+        else:
+            self.memory.close()
