@@ -134,7 +134,11 @@ def _join(core: Core, flight: Flight, policy: Policy, stale: Any, load: bool, st
             return SOLO
         if not flight.done:
             return (yield from _time_out(core, flight, policy, stale, hard))
-    elif not flight.done and (yield Wait(flight)) is False:
+    # Else bounded like a wait for another process's lease: a leader slower than lease_ttl
+    # stores nothing in Redis anyway, and a leader that waits for this very caller (its
+    # function calls its own key through a thread that does not carry its context) would
+    # otherwise never finish. Past the bound this caller loads on its own.
+    elif not flight.done and ((yield Wait(flight, core.lease_ms / 1000.0)) is False or not flight.done):
         return SOLO
     if flight.abandoned:  # the leader was cancelled: try again, maybe as the leader
         return RETRY

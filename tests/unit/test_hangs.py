@@ -297,3 +297,23 @@ def test_a_batch_function_calling_itself_with_its_items_computes(mode: Mode, cac
             return list(items)
 
     assert finishes(lambda: call(mode, load, [1, 2])) == [10, 20]
+
+
+def test_a_loader_calling_its_key_through_a_plain_thread_pool_finishes(namespace: str) -> None:
+    """A thread pool does not carry the loader's context, so the inner call is not known to be
+    re-entrant and joins the outer load, which waits for it: the join is bounded by lease_ttl
+    (as a wait for another process's lease is), after which the inner call computes itself."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cache = TieredCache(namespace=namespace, lease_ttl=0.2)
+    pool = ThreadPoolExecutor(1)
+
+    @tiered(cache, key=lambda x, depth: f"k{x}")
+    def count(x: int, depth: int) -> int:
+        return 0 if depth == 0 else 1 + pool.submit(count, x, depth - 1).result()
+
+    try:
+        assert finishes(lambda: count(1, 1)) == 1
+    finally:
+        pool.shutdown(wait=False)
+        cache.close()
