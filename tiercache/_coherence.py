@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ._flight import FlightTable
-from ._keys import FORMAT_VERSION, _generation_number
+from ._keys import KeySpace, _generation_number
 from ._metrics import RateLimitedLog
 
 __all__ = ["Bus", "WriteResult"]
@@ -60,7 +60,7 @@ class Bus:
 
     def __init__(
         self,
-        channel: str,
+        keyspace: KeySpace,
         node_id: str,
         flights: FlightTable,
         log: RateLimitedLog,
@@ -68,8 +68,8 @@ class Bus:
         generation: Callable[[], str] = lambda: "",
     ) -> None:
         self._on_generation = on_generation
-        #: The root of the namespace's generation-scoped keys, ``tc:{ns}:v1:``.
-        self._root = channel.rsplit(":inval:", 1)[0] + f":{FORMAT_VERSION}:"
+        #: The namespace's Redis names: the channel, and the generation a writer's keys name.
+        self.keyspace = keyspace
         #: This process's generation of the namespace ("" before any clear).
         self.generation = generation
         #: Set when the sequence broke: the subscriber thread then checks that Redis's
@@ -79,7 +79,7 @@ class Bus:
         #: on the channel), found when subscribing; ``cache.ready()`` raises it.
         self.denied: str | None = None
         self.node_id = node_id
-        self.channel = channel
+        self.channel = keyspace.channel
         self._flights = flights
         self._log = log
         self.last_seq: int | None = None
@@ -171,10 +171,9 @@ class Bus:
         breaking (an eviction of ``tc:{ns}:gen`` alone), and a process that read it since
         writes keys nobody else reads: have the subscriber bring Redis (and so everyone) to a
         generation above ours (``_remote.sync_generation``)."""
-        if not key.startswith(self._root):
+        theirs = self.keyspace.generation_of(key)
+        if theirs is None:
             return  # not a generation-scoped key (tag and tenant counters)
-        rest = key[len(self._root) :]
-        theirs = rest[1 : rest.index(":")] if rest.startswith("g") and ":" in rest else ""
         ours = self.generation()
         if theirs == ours:
             return

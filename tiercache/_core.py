@@ -82,13 +82,12 @@ class Core:
         self.node_id = secrets.token_hex(8)
         self._marker_base = self.node_id.encode()
         self._markers = itertools.count()
-        # Pub/sub ignores the database number, so the channel names it: caches of one namespace
-        # in different databases must not hear (or count, or acknowledge) each other.
-        self.channel = f"tc:{namespace}:inval:{db}"
-        self.seq_key = f"tc:{namespace}:seq"
-        self.gen_key = f"tc:{namespace}:gen"
-        #: The namespace's key roots at its current generation (see ``_scope.clear``).
-        self.keyspace = KeySpace(namespace)
+        #: Every Redis name of the namespace, at its current generation (see ``_scope.clear``).
+        self.keyspace = KeySpace(namespace, db)
+        # The names every write uses, at hand (built by the key space).
+        self.channel = self.keyspace.channel
+        self.seq_key = self.keyspace.seq_key
+        self.gen_key = self.keyspace.gen_key
         self.counters = Counters()
         self.flights = FlightTable(local)
         #: Keys being refreshed ahead of expiry in this process (one refresh per key).
@@ -108,7 +107,7 @@ class Core:
         #: The invalidation bus, when other processes can share this namespace. Until its
         #: subscriber confirms a subscription, L1 takes no entries (invariant 4).
         self.bus = (
-            Bus(self.channel, self.node_id, self.flights, self.log, self.apply_generation, self._generation)
+            Bus(self.keyspace, self.node_id, self.flights, self.log, self.apply_generation, self._generation)
             if has_remote and coherent
             else None
         )
@@ -220,7 +219,7 @@ class Core:
 
     def ack_key(self, wait: float | None) -> str:
         """A fresh acknowledgement list for a write that waits (``wait`` not None), else ""."""
-        return f"tc:{self.namespace}:ack:{secrets.token_hex(8)}" if wait is not None else ""
+        return self.keyspace.ack_key() if wait is not None else ""
 
     # -- values ---------------------------------------------------------------------------
 

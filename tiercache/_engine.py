@@ -5,14 +5,12 @@ scope, builds the facades' flows and runs them, so nothing above reaches into th
 from __future__ import annotations
 
 import contextvars
-import re
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from . import _async, _read, _scope, _sync, _write
 from ._coherence import WriteResult
 from ._core import Core
-from ._keys import FORMAT_VERSION, version_key
 from ._steps import Flow
 from ._types import MISSING
 from .errors import KeyEncodingError
@@ -53,10 +51,10 @@ class Engine:
     def tenant_scope(self) -> tuple[str | None, list[str]]:
         """The current tenant and the version key its scope depends on (none outside a tenant)."""
         tenant = None if self.tenant_var is None else self.tenant_var.get()
-        return tenant, [] if tenant is None else [version_key(self.namespace, "tenant", tenant)]
+        return tenant, [] if tenant is None else [self.core.keyspace.version_key("tenant", tenant)]
 
     def version_keys(self, kind: str, names: Sequence[str]) -> list[str]:
-        return [version_key(self.namespace, kind, n) for n in names]
+        return [self.core.keyspace.version_key(kind, n) for n in names]
 
     def _user(self, key: str) -> tuple[str, str | None, list[str]]:
         return (self.core.keyspace.user_key(key), *self.tenant_scope())
@@ -105,9 +103,9 @@ class Engine:
         return _scope.clear(self.core, wait)
 
     def _own(self, redis_keys: Sequence[str]) -> Sequence[str]:
-        own = re.compile(re.escape(f"tc:{self.namespace}:{FORMAT_VERSION}:") + r"(g[0-9a-f]+:)?[fk]:")
+        space = self.core.keyspace
         for k in redis_keys:
-            if not isinstance(k, str) or not own.match(k):
+            if not isinstance(k, str) or not space.owns(k):
                 raise KeyEncodingError(
                     f"invalidate({k!r}): not a key of namespace {self.namespace!r}; pass f.key(...) "
                     "of a decorated function or cache.key(user_key), or use cache.delete(user_key)"

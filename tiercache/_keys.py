@@ -16,6 +16,7 @@ import gc
 import inspect
 import math
 import re
+import secrets
 import struct
 import threading
 import uuid
@@ -35,15 +36,18 @@ __all__ = [
     "canonical_bytes",
     "claim_prefix",
     "digest",
+    "function_part",
     "function_prefix",
     "json_key",
     "llm_key",
     "normalize_json",
+    "refresh_key",
     "scope_name",
     "scoped_key",
     "version_key",
     "user_key",
     "validate_namespace",
+    "waiters_key",
 ]
 
 #: Bumped whenever the encoding below changes, so old entries are never misread as new keys.
@@ -347,8 +351,50 @@ def digest(data: bytes) -> str:
     return xxhash.xxh3_128_hexdigest(data)
 
 
+# -- Redis names ----------------------------------------------------------------------------
+# Every Redis key and channel name tiercache uses is built in this section (KeySpace gathers a
+# namespace's; the flows ask it). Existing data and other processes depend on these formats:
+# tests/unit/test_names.py pins each one, so a change is deliberate.
+
+
+def _base(namespace: str) -> str:
+    """``tc:{ns}:v1:``: the root of a namespace's value keys at generation "" (never cleared)."""
+    return f"tc:{namespace}:{FORMAT_VERSION}:"
+
+
+def _generation_root(namespace: str, generation: str) -> str:
+    """``tc:{ns}:v1:g<n>:`` (generation "": ``tc:{ns}:v1:``), the root of a generation's value keys."""
+    return _base(namespace) + (f"g{generation}:" if generation else "")
+
+
+def _hash_tagged(prefix: str, tag: str) -> str:
+    """``prefix{tag}``: the braces are a Redis Cluster hash tag, so the key's derived keys
+    (``waiters_key``, ``refresh_key``, scoped variants) share its slot."""
+    return prefix + "{" + tag + "}"
+
+
+def waiters_key(key: str) -> str:
+    """``<key>:w``: the flag raised by processes waiting for another's fill of ``key`` (same slot)."""
+    return key + ":w"
+
+
+def refresh_key(key: str) -> str:
+    """``<key>:r``: where a refresh in progress keeps its token, after the key's hash tag (same slot)."""
+    return key + ":r"
+
+
 def function_prefix(namespace: str, name: str) -> str:
-    """``tc:{namespace}:v1:f:{module.qualname}:`` — the part of a function's keys before the digest."""
+    """``tc:{namespace}:v1:f:{module.qualname}:`` — the part of a function's keys before the digest
+    (at generation ""; ``function_part`` is the part after a generation's root).
+
+    Raises:
+        ConfigError: ``name`` is not a non-empty str, holds braces or a lone surrogate.
+    """
+    return _base(namespace) + function_part(name)
+
+
+def function_part(name: str) -> str:
+    """``f:{name}:``, the part of a function's keys between the root and the digest."""
     if not isinstance(name, str) or not name:
         raise ConfigError(f"name={name!r} must be a non-empty str, e.g. name='billing.convert'")
     name = str.__str__(name)  # an exact str: a subclass's __contains__/__format__ play no part
@@ -356,7 +402,7 @@ def function_prefix(namespace: str, name: str) -> str:
         raise ConfigError(f"name={name!r} must not contain braces (they are Redis Cluster hash tags)")
     if not _is_utf8(name):
         raise ConfigError(f"name={name!r} contains a lone surrogate, which Redis cannot hold: pass valid text")
-    return f"tc:{namespace}:{FORMAT_VERSION}:f:{name}:"
+    return f"f:{name}:"
 
 
 def _is_utf8(text: str) -> bool:
@@ -397,10 +443,14 @@ def user_key(namespace: str, key: str) -> str:
     needs them in one slot) stay together; a key that contains braces itself is digested, so
     the tag stays well formed.
     """
-    key = _key_text(key, "key")
+    return _base(namespace) + _user_part(_key_text(key, "key"))
+
+
+def _user_part(key: str) -> str:
+    """``k:{key}``, the part of a user key after the root; ``key`` is already checked text."""
     if "{" in key or "}" in key:
         key = "#" + digest(key.encode("utf-8", "surrogatepass"))
-    return f"tc:{namespace}:{FORMAT_VERSION}:k:{{{key}}}"
+    return _hash_tagged("k:", key)
 
 
 def version_key(namespace: str, kind: str, name: str) -> str:
@@ -408,7 +458,7 @@ def version_key(namespace: str, kind: str, name: str) -> str:
     name = scope_name(name, kind)
     if "{" in name or "}" in name:
         name = "#" + digest(name.encode("utf-8", "surrogatepass"))
-    return f"tc:{namespace}:{kind}:{{{name}}}"
+    return _hash_tagged(f"tc:{namespace}:{kind}:", name)
 
 
 def scope_name(name: Any, kind: str) -> str:
@@ -711,7 +761,7 @@ class KeyMaker:
         except (_Unencodable, RecursionError) as exc:
             # The path is built only now, on the error (not for every argument of every call).
             raise _key_error(exc, f"{self._qualname}(): argument {param.name!r}") from None
-        return self.prefix() + "{" + digest(bytes(out)) + "}"
+        return _hash_tagged(self.prefix(), digest(bytes(out)))
 
 
 def _memo_size(values: Iterable[Any]) -> int:
@@ -728,20 +778,47 @@ def _memo_size(values: Iterable[Any]) -> int:
 
 
 class KeySpace:
-    """A namespace's keys at its current generation.
+    """Every Redis key and channel name of one namespace, at its current generation.
 
-    ``cache.clear()`` increments the generation (in Redis, ``tc:{ns}:gen``) and every
-    process adopts it: keys are then ``tc:{ns}:v1:g<n>:...``, so every entry written
-    before is never read again (it expires by its TTL): a whole-namespace flush in O(1),
-    with no KEYS or SCAN. Generation "" (never cleared) keeps the plain ``tc:{ns}:v1:``.
+    The one place they are built (with the functions of the "Redis names" section above);
+    other modules ask it. The formats (``ns`` the namespace, ``db`` the database number)::
+
+        invalidation channel     tc:{ns}:inval:{db}     (pub/sub ignores the database: named here)
+        sequence counter         tc:{ns}:seq
+        generation counter       tc:{ns}:gen
+        acknowledgement list     tc:{ns}:ack:<16 hex digits, fresh per write>
+        root of value keys       tc:{ns}:v1:            (after a clear: tc:{ns}:v1:g<n>:)
+        user key                 <root>k:{key}          (braces in key: k:{#<digest>})
+        function key             <root>f:{name}:{<digest of the arguments>}
+        scoped key               <key before its hash tag>s<digest of tenant, versions>:{...}
+        tag / tenant version     tc:{ns}:tag:{name}, tc:{ns}:tenant:{name}
+        lease waiters flag       <value key>:w
+        refresh token            <value key>:r
+
+    ``cache.clear()`` increments the generation (in Redis, ``gen_key``) and every process
+    adopts it: keys are then ``tc:{ns}:v1:g<n>:...``, so every entry written before is never
+    read again (it expires by its TTL): a whole-namespace flush in O(1), with no KEYS or SCAN.
+    Generation "" (never cleared) keeps the plain ``tc:{ns}:v1:``.
     """
 
-    __slots__ = ("_makers", "generation", "namespace", "root")
+    __slots__ = ("_makers", "_own", "base", "channel", "gen_key", "generation", "namespace", "root", "seq_key")
 
-    def __init__(self, namespace: str) -> None:
+    #: The derived keys of a value key (the same for every namespace).
+    waiters_key = staticmethod(waiters_key)
+    refresh_key = staticmethod(refresh_key)
+
+    def __init__(self, namespace: str, db: int = 0) -> None:
         self.namespace = namespace
+        # Pub/sub ignores the database number, so the channel names it: caches of one namespace
+        # in different databases must not hear (or count, or acknowledge) each other.
+        self.channel = f"tc:{namespace}:inval:{db}"
+        self.seq_key = f"tc:{namespace}:seq"
+        self.gen_key = f"tc:{namespace}:gen"
+        #: The root of value keys at generation "" (``tc:{ns}:v1:``): every generation's starts so.
+        self.base = _base(namespace)
         self.generation = ""
-        self.root = f"tc:{namespace}:{FORMAT_VERSION}:"
+        self.root = self.base
+        self._own = re.compile(re.escape(self.base) + r"(g[0-9a-f]+:)?[fk]:")
         self._makers: weakref.WeakSet[KeyMaker] = weakref.WeakSet()
 
     def register(self, maker: KeyMaker) -> None:
@@ -757,14 +834,43 @@ class KeySpace:
         if forward_only and _generation_number(generation) <= _generation_number(self.generation):
             return False
         self.generation = generation
-        self.root = f"tc:{self.namespace}:{FORMAT_VERSION}:" + (f"g{generation}:" if generation else "")
+        self.root = _generation_root(self.namespace, generation)
         for maker in list(self._makers):
             maker.reset()
         return True
 
+    def owns(self, key: str) -> bool:
+        """Whether ``key`` is a value key (a function's or a user key) of this namespace, at any generation."""
+        return self._own.match(key) is not None
+
+    def generation_of(self, key: str) -> str | None:
+        """The generation a value key of this namespace names ("" for none: never cleared), or
+        None for a key that is not generation-scoped (a tag's or tenant's version counter)."""
+        if not key.startswith(self.base):
+            return None
+        rest = key[len(self.base) :]
+        return rest[1 : rest.index(":")] if rest.startswith("g") and ":" in rest else ""
+
+    def generation_number(self) -> int:
+        """The current generation as a number (0 before any clear; -1 for one not ours)."""
+        return _generation_number(self.generation)
+
+    def ack_key(self) -> str:
+        """A fresh acknowledgement list, for one write that waits for the other processes."""
+        return f"tc:{self.namespace}:ack:{secrets.token_hex(8)}"
+
     def user_key(self, key: str) -> str:
         """``user_key`` at the current generation."""
-        return self.root + user_key(self.namespace, key)[len(f"tc:{self.namespace}:{FORMAT_VERSION}:") :]
+        return self.root + _user_part(_key_text(key, "key"))
+
+    def function_key(self, part: str, digest: str) -> str:
+        """A function's key at the current generation: ``part`` is its ``function_part``,
+        ``digest`` that of its arguments."""
+        return _hash_tagged(self.root + part, digest)
+
+    def version_key(self, kind: str, name: str) -> str:
+        """Where a tag's (``kind="tag"``) or tenant's version counter lives (no generation)."""
+        return version_key(self.namespace, kind, name)
 
 
 def _generation_number(generation: str) -> int:

@@ -13,6 +13,7 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ._keys import refresh_key, waiters_key
 from ._types import FAILED
 
 __all__ = [
@@ -38,14 +39,12 @@ __all__ = [
     "peek",
     "sync_generation",
     "probe_publish",
-    "refresh_key",
     "release",
     "release_many",
     "replace",
     "take_acks",
     "versions",
     "wait_lease",
-    "waiters_key",
     "write",
 ]
 
@@ -140,9 +139,9 @@ LEASE_PREFIX = b"\xc7\x00"
 # key (SET or DEL) replaces the marker: invariant 3 with no extra key.
 
 # Processes that find another's marker wait for the fill to be announced instead of polling
-# (``wait_lease``): they raise the key's waiter flag ``<key>:w`` (same hash slot), and a fill
-# or release that finds the flag publishes ``{"n": node, "f": [key]}`` on the invalidation
-# channel. Fills nobody waits for publish nothing.
+# (``wait_lease``): they raise the key's waiter flag ``<key>:w`` (``_keys.waiters_key``, same
+# hash slot), and a fill or release that finds the flag publishes ``{"n": node, "f": [key]}``
+# on the invalidation channel. Fills nobody waits for publish nothing.
 
 # KEYS[1] the value, KEYS[2] its waiter flag. ARGV[1] our marker, ARGV[2] lease ms, ARGV[3]
 # the marker prefix. A value: {bytes, pttl}. Empty (the holder released, or its lease
@@ -217,11 +216,6 @@ def peek(key: str) -> RedisOp:
     return RedisOp(("GET", key), _parse_read, more=(("PTTL", key),), coalesce=True)
 
 
-def waiters_key(key: str) -> str:
-    """The flag raised by processes waiting for another's fill of ``key`` (same hash slot)."""
-    return key + ":w"
-
-
 def fill(key: str, marker: bytes, data: bytes, ttl_ms: int, channel: str, node_id: str) -> RedisOp:
     """Store a load's result if our lease marker is still there (announcing it to waiters);
     parses to whether it landed. (``fill_many`` of one key: one script serves both.)"""
@@ -293,11 +287,6 @@ local seq = redis.call('INCR', KEYS[1])
 local receivers = redis.call('PUBLISH', ARGV[2], cjson.encode({n = ARGV[1], s = seq, k = {KEYS[2]}, a = ARGV[6]}))
 return {seq, receivers}
 """)
-
-
-def refresh_key(key: str) -> str:
-    """Where a refresh in progress keeps its token: after the key's hash tag (same slot)."""
-    return key + ":r"
 
 
 # KEYS[1] a refresh token. ARGV[1] ours: a refresh that failed gives it back (only its own).

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 from . import _read, _remote, _write
 from ._coherence import WriteResult
 from ._core import Core
-from ._keys import _generation_number, scoped_key
+from ._keys import scoped_key
 from ._policy import Policy
 from ._steps import Flow
 from ._types import CALL, FAILED, MISSING, SKIPPED
@@ -126,10 +126,10 @@ def clear(core: Core, wait: float | None) -> Flow[WriteResult]:
     """Drop every entry of the namespace in every process, in O(1): a new generation, so
     every key changes; the old entries are never read again and expire by their TTL."""
     if not core.has_remote:
-        core.apply_generation(str(_generation_number(core.keyspace.generation) + 1))
+        core.apply_generation(str(core.keyspace.generation_number() + 1))
         return WriteResult(None, None, None)
     ack_key = core.ack_key(wait)
-    current = max(_generation_number(core.keyspace.generation), 0)
+    current = max(core.keyspace.generation_number(), 0)
     op = _remote.clear(core.seq_key, core.gen_key, core.channel, core.node_id, current, ack_key)
     reply = core.settle(op, (yield op) if core.allow() else SKIPPED)
     if reply is FAILED:

@@ -116,7 +116,7 @@ class Subscriber:
         self._remote = remote
         self._bus = bus
         self._seq_key = seq_key
-        self._gen_key = seq_key.removesuffix("seq") + "gen"
+        self._gen_key = bus.keyspace.gen_key
         self._interval = interval
         self._deadline = deadline
         self._log = log
