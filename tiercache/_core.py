@@ -21,7 +21,7 @@ from ._coherence import Bus
 from ._flight import FlightTable
 from ._keys import KeySpace
 from ._local import LocalCache
-from ._metrics import CacheStats, Counters, RateLimitedLog
+from ._metrics import BUS_COUNTER_FIELDS, CacheStats, Counters, RateLimitedLog
 from ._policy import Policy
 from ._remote import LEASE_PREFIX, Breaker, PoolBusy, RedisOp, RemoteFailure, UnreadableReply
 from ._steps import CallWith, Flow, Reply
@@ -130,29 +130,14 @@ class Core:
             self.flights.flush(accepting=False)
 
     def stats(self) -> CacheStats:
-        c, bus = self.counters, self.bus
+        bus = self.bus
         return CacheStats(
-            l1_hits=c.l1_hits,
-            l2_hits=c.l2_hits,
-            misses=c.misses,
-            loads=c.loads,
-            load_errors=c.load_errors,
-            backend_errors=c.backend_errors,
-            codec_errors=c.codec_errors,
-            not_cached=c.not_cached,
-            lease_waits=c.lease_waits,
-            lease_timeouts=c.lease_timeouts,
-            stale_served=c.stale_served,
-            load_timeouts=c.load_timeouts,
-            refreshes_ahead=c.refreshes_ahead,
-            errors_cached=c.errors_cached,
+            **self.counters.snapshot(),
+            **{name: 0 if bus is None else getattr(bus, name.removeprefix("bus_")) for name in BUS_COUNTER_FIELDS},
             l1_size=len(self.local),
             l1_bytes=self.local.bytes,
             in_flight=len(self.flights),
             bus_connected=None if bus is None else bus.connected.is_set(),
-            bus_messages=0 if bus is None else bus.messages,
-            bus_flushes=0 if bus is None else bus.flushes,
-            bus_gaps=0 if bus is None else bus.gaps,
         )
 
     # -- generations (state the bus changes) ---------------------------------------------------

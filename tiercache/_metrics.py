@@ -6,10 +6,22 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-__all__ = ["CacheStats", "Counters", "RateLimitedLog"]
+__all__ = ["BUS_COUNTER_FIELDS", "COUNTER_FIELDS", "STATS_FIELDS", "CacheStats", "Counters", "RateLimitedLog"]
 
 logger = logging.getLogger("tiercache")
+
+
+def _counter(help_text: str, source: str = "counters") -> dict[str, str]:
+    """A CacheStats field that only grows: its metric's help text, and where ``Core.stats()``
+    reads it (``counters``: the ``Counters`` attribute of that name; ``bus``: the Bus attribute without ``bus_``)."""
+    return {"kind": "counter", "help": help_text, "source": source, "metric": ""}
+
+
+def _gauge(help_text: str, metric: str = "") -> dict[str, str]:
+    """A CacheStats field that goes up and down (``metric``: its exported name, if not the field's)."""
+    return {"kind": "gauge", "help": help_text, "source": "", "metric": metric}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,37 +30,58 @@ class CacheStats:
 
     Counters are plain integers updated without a lock, so under heavy contention between
     threads a few increments may be lost: they are for monitoring, not accounting.
+
+    The one definition of the counters: each field's metadata gives its kind (``counter`` or
+    ``gauge``) and help text, from which ``Counters``, ``Core.stats()`` and the exporters of
+    ``tiercache.metrics`` are made.
     """
 
-    l1_hits: int
-    l2_hits: int
-    misses: int
-    loads: int
-    load_errors: int
-    backend_errors: int
-    codec_errors: int
-    not_cached: int
-    l1_size: int
-    l1_bytes: int
-    in_flight: int
-    lease_waits: int = 0
+    l1_hits: int = dataclasses.field(metadata=_counter("Calls answered from this process's L1."))
+    l2_hits: int = dataclasses.field(metadata=_counter("Calls answered from Redis."))
+    misses: int = dataclasses.field(metadata=_counter("Lookups neither tier could answer."))
+    loads: int = dataclasses.field(metadata=_counter("Calls of the cached functions."))
+    load_errors: int = dataclasses.field(metadata=_counter("Calls of the cached functions that raised."))
+    backend_errors: int = dataclasses.field(metadata=_counter("Redis commands that failed (the call failed open)."))
+    codec_errors: int = dataclasses.field(
+        metadata=_counter("Values in Redis that could not be decoded (treated as misses).")
+    )
+    not_cached: int = dataclasses.field(
+        metadata=_counter("Results returned but not cached (unencodable or too large).")
+    )
+    l1_size: int = dataclasses.field(metadata=_gauge("Entries in L1.", metric="l1_entries"))
+    l1_bytes: int = dataclasses.field(metadata=_gauge("Bytes of the encoded values in L1."))
+    in_flight: int = dataclasses.field(metadata=_gauge("Loads in progress."))
+    lease_waits: int = dataclasses.field(
+        default=0, metadata=_counter("Waits for another process's load of the same key.")
+    )
     """Times a miss waited for another process's load of the key (cross-process single-flight)."""
-    lease_timeouts: int = 0
+    lease_timeouts: int = dataclasses.field(
+        default=0, metadata=_counter("Waits for another process's load that ran out.")
+    )
     """Waits for another process's load that ran out, after which this process loaded itself."""
-    stale_served: int = 0
+    stale_served: int = dataclasses.field(
+        default=0, metadata=_counter("Calls answered with a stale value (stale_ttl).")
+    )
     """Calls answered with a value past its TTL (within ``stale_ttl``) because the load failed
     or outlasted ``soft_timeout``."""
-    load_timeouts: int = 0
+    load_timeouts: int = dataclasses.field(default=0, metadata=_counter("Loads given up at hard_timeout."))
     """Calls that gave up on a load at ``hard_timeout``."""
-    refreshes_ahead: int = 0
+    refreshes_ahead: int = dataclasses.field(
+        default=0, metadata=_counter("Background refreshes started before expiry.")
+    )
     """Background refreshes started before expiry (``refresh_beta`` / ``refresh_after``)."""
-    errors_cached: int = 0
+    errors_cached: int = dataclasses.field(default=0, metadata=_counter("Exceptions kept in L1 (cache_errors)."))
     """Exceptions kept in L1 by ``cache_errors`` (negative caching)."""
-    bus_connected: bool | None = None
+    bus_connected: bool | None = dataclasses.field(
+        default=None,
+        metadata=_gauge("1 while the invalidation subscriber is subscribed (L1 trusted), else 0."),
+    )
     """Whether the invalidation subscriber is subscribed (None: no bus, L1-only or coherent=False)."""
-    bus_messages: int = 0
-    bus_flushes: int = 0
-    bus_gaps: int = 0
+    bus_messages: int = dataclasses.field(default=0, metadata=_counter("Invalidation messages received.", "bus"))
+    bus_flushes: int = dataclasses.field(
+        default=0, metadata=_counter("Times L1 was emptied because messages may have been lost.", "bus")
+    )
+    bus_gaps: int = dataclasses.field(default=0, metadata=_counter("Gaps found in the invalidation sequence.", "bus"))
 
     @property
     def hit_ratio(self) -> float:
@@ -57,39 +90,35 @@ class CacheStats:
         return (self.l1_hits + self.l2_hits) / total if total else 0.0
 
 
+#: CacheStats' fields with their metadata, in order.
+STATS_FIELDS: tuple[dataclasses.Field[object], ...] = dataclasses.fields(CacheStats)
+#: The counters this process keeps itself (``Counters``' attributes), in CacheStats' order.
+COUNTER_FIELDS: tuple[str, ...] = tuple(
+    f.name for f in STATS_FIELDS if f.metadata["kind"] == "counter" and f.metadata["source"] == "counters"
+)
+#: The fields the bus counts: ``Core.stats()`` reads them from the Bus (0 without one).
+BUS_COUNTER_FIELDS: tuple[str, ...] = tuple(f.name for f in STATS_FIELDS if f.metadata.get("source") == "bus")
+
+
 class Counters:
-    __slots__ = (
-        "backend_errors",
-        "codec_errors",
-        "errors_cached",
-        "l1_hits",
-        "l2_hits",
-        "lease_timeouts",
-        "lease_waits",
-        "load_errors",
-        "load_timeouts",
-        "loads",
-        "misses",
-        "not_cached",
-        "refreshes_ahead",
-        "stale_served",
-    )
+    """The counters of one cache, one plain slot per name in ``COUNTER_FIELDS`` (made from
+    CacheStats' definition): ``counters.l1_hits += 1`` is an ordinary attribute update, no lock."""
+
+    __slots__ = COUNTER_FIELDS
 
     def __init__(self) -> None:
-        self.l1_hits = 0
-        self.l2_hits = 0
-        self.misses = 0
-        self.loads = 0
-        self.load_errors = 0
-        self.backend_errors = 0
-        self.codec_errors = 0
-        self.not_cached = 0
-        self.lease_waits = 0
-        self.lease_timeouts = 0
-        self.stale_served = 0
-        self.load_timeouts = 0
-        self.refreshes_ahead = 0
-        self.errors_cached = 0
+        for name in COUNTER_FIELDS:
+            setattr(self, name, 0)
+
+    def snapshot(self) -> dict[str, int]:
+        """Every counter's current value, by name."""
+        return {name: getattr(self, name) for name in COUNTER_FIELDS}
+
+    if TYPE_CHECKING:  # the slots are made from COUNTER_FIELDS, so name them for mypy: all ints
+
+        def __getattr__(self, name: str) -> int: ...
+
+        def __setattr__(self, name: str, value: int) -> None: ...
 
 
 class RateLimitedLog:

@@ -25,38 +25,16 @@ from collections.abc import Iterator
 from typing import Any
 
 from ._cache import TieredCache
-from ._metrics import CacheStats
+from ._metrics import STATS_FIELDS, CacheStats
 
 __all__ = ["COUNTERS", "GAUGES", "PrometheusCollector", "instrument_opentelemetry"]
 
-#: stats() fields that only grow, with their help text.
-COUNTERS: dict[str, str] = {
-    "l1_hits": "Calls answered from this process's L1.",
-    "l2_hits": "Calls answered from Redis.",
-    "misses": "Lookups neither tier could answer.",
-    "loads": "Calls of the cached functions.",
-    "load_errors": "Calls of the cached functions that raised.",
-    "backend_errors": "Redis commands that failed (the call failed open).",
-    "codec_errors": "Values in Redis that could not be decoded (treated as misses).",
-    "not_cached": "Results returned but not cached (unencodable or too large).",
-    "lease_waits": "Waits for another process's load of the same key.",
-    "lease_timeouts": "Waits for another process's load that ran out.",
-    "stale_served": "Calls answered with a stale value (stale_ttl).",
-    "load_timeouts": "Loads given up at hard_timeout.",
-    "refreshes_ahead": "Background refreshes started before expiry.",
-    "errors_cached": "Exceptions kept in L1 (cache_errors).",
-    "bus_messages": "Invalidation messages received.",
-    "bus_flushes": "Times L1 was emptied because messages may have been lost.",
-    "bus_gaps": "Gaps found in the invalidation sequence.",
-}
+#: stats() fields that only grow, with their help text (from CacheStats' definition).
+COUNTERS: dict[str, str] = {f.name: f.metadata["help"] for f in STATS_FIELDS if f.metadata["kind"] == "counter"}
 #: stats() fields that go up and down.
-GAUGES: dict[str, str] = {
-    "l1_size": "Entries in L1.",
-    "l1_bytes": "Bytes of the encoded values in L1.",
-    "in_flight": "Loads in progress.",
-    "bus_connected": "1 while the invalidation subscriber is subscribed (L1 trusted), else 0.",
-}
-_GAUGE_NAMES = {"l1_size": "l1_entries"}
+GAUGES: dict[str, str] = {f.name: f.metadata["help"] for f in STATS_FIELDS if f.metadata["kind"] == "gauge"}
+#: Exported names that differ from the field's.
+_GAUGE_NAMES = {f.name: f.metadata["metric"] for f in STATS_FIELDS if f.metadata["metric"]}
 
 
 def _require(module: str, extra: str) -> Any:

@@ -3,6 +3,7 @@ so a change here must be deliberate (and a migration planned)."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from tiercache._keys import (
     version_key,
     waiters_key,
 )
+from tiercache._metrics import COUNTER_FIELDS, CacheStats, Counters
 from tiercache.errors import ConfigError, KeyEncodingError
 
 TIERCACHE = Path(__file__).resolve().parents[2] / "tiercache"
@@ -103,3 +105,17 @@ def test_names_are_built_only_in_keys() -> None:
         for pattern in (r'f"tc:\{', r'\+ ":[wr]"'):
             offenders += [f"{path.name}: {m.group(0)}" for m in re.finditer(pattern, text)]
     assert offenders == []
+
+
+def test_counters_come_from_one_definition() -> None:
+    fields = {f.name: f for f in dataclasses.fields(CacheStats)}
+    assert set(COUNTER_FIELDS) <= fields.keys()
+    assert Counters.__slots__ == COUNTER_FIELDS
+    counters = Counters()
+    assert all(getattr(counters, name) == 0 for name in COUNTER_FIELDS)
+    with pytest.raises(AttributeError):
+        counters.no_such_counter = 1  # type: ignore[attr-defined]
+    docs = (TIERCACHE.parent / "docs" / "recipes.md").read_text()
+    for f in fields.values():
+        metric = f.metadata["metric"] or f.name
+        assert f"`{metric}`" in docs, f"docs/recipes.md does not list {metric}"
