@@ -16,8 +16,8 @@ import inspect
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, ParamSpec, TypeVar
 
-from . import _batchread, _scope, _write
-from ._cache import TieredCache, _positive, engine_of
+from . import _batchread, _scope, _validate, _write
+from ._cache import TieredCache, engine_of
 from ._coherence import WriteResult
 from ._keys import callable_name, canonical_bytes, claim_prefix, digest, function_prefix, scoped_key
 from ._policy import Policy
@@ -168,16 +168,13 @@ def tiered_batch(
         name: replaces ``module.qualname`` in the keys.
         ttl_jitter: up to this fraction of ``ttl`` is taken off each fill's TTL at random.
     """
-    if not isinstance(cache, TieredCache):
-        raise ConfigError(f"tiered_batch(cache=...) needs a TieredCache, got {cache!r}")
-    _positive("ttl", ttl, optional=True)
-    _positive("l1_ttl", l1_ttl, allow_zero=True, optional=True)
-    if not isinstance(ttl_jitter, (int, float)) or not 0 <= ttl_jitter < 1:
-        raise ConfigError(f"ttl_jitter={ttl_jitter!r} must be a fraction in [0, 1), e.g. 0.1")
+    _validate.instance("tiered_batch(cache=...)", cache, TieredCache)
+    _validate.seconds(ttl=ttl, optional=True)
+    _validate.seconds(l1_ttl=l1_ttl, zero=True, optional=True)
+    _validate.fraction(ttl_jitter=ttl_jitter)
 
     def decorate(fn: Callable[P, T]) -> BatchFunction[P, T]:
-        if not callable(fn):
-            raise ConfigError(f"@tiered_batch needs a function, got {fn!r}")
+        _validate.decorated("@tiered_batch", fn)
         qualname = callable_name(fn)
         core = engine_of(cache).core
         policy = Policy(

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import contextvars
 import logging
-import math
 import os
 import time
 import weakref
@@ -17,7 +16,7 @@ from typing import Any
 import redis
 import redis.asyncio
 
-from . import _connect, _subscriber
+from . import _connect, _subscriber, _validate
 from ._codec import Codec, MsgpackSerializer
 from ._coherence import WriteResult
 from ._core import Core
@@ -138,49 +137,28 @@ class TieredCache:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         validate_namespace(namespace)
-        _positive("ttl", ttl)
-        _positive("l1_ttl", l1_ttl, allow_zero=True)
-        _positive("staleness_bound", staleness_bound)
-        _positive("outage_l1_ttl", outage_l1_ttl, allow_zero=True, optional=True)
-        _positive("ack_timeout", ack_timeout, allow_zero=True)
-        _positive("socket_timeout", socket_timeout)
-        _positive("connect_timeout", connect_timeout)
-        _positive("pool_timeout", pool_timeout, allow_zero=True)
-        _positive("lease_ttl", lease_ttl)
-        _positive("breaker_cooldown", breaker_cooldown)
-        if not isinstance(breaker_threshold, int) or isinstance(breaker_threshold, bool) or breaker_threshold < 1:
-            raise ConfigError(f"breaker_threshold={breaker_threshold!r} must be an int >= 1")
-        if not isinstance(l1_maxsize, int) or l1_maxsize < 0:
-            raise ConfigError(f"l1_maxsize={l1_maxsize!r} must be an int >= 0 (0 turns L1 off)")
-        if l1_maxbytes is not None and (not isinstance(l1_maxbytes, int) or l1_maxbytes <= 0):
-            raise ConfigError(f"l1_maxbytes={l1_maxbytes!r} must be a positive int or None")
-        if not isinstance(pool_size, int) or pool_size < 1:
-            raise ConfigError(f"pool_size={pool_size!r} must be an int >= 1")
-        if url is not None and client is not None:
-            raise ConfigError("pass either url or client=, not both")
-        if serializer is None:
-            serializer = MsgpackSerializer()
-        elif not isinstance(serializer, Serializer):
-            raise ConfigError(f"serializer={serializer!r} lacks ident/name/requires_signature/dumps/loads")
+        _validate.seconds(
+            ttl=ttl, staleness_bound=staleness_bound, lease_ttl=lease_ttl, breaker_cooldown=breaker_cooldown
+        )
+        _validate.seconds(socket_timeout=socket_timeout, connect_timeout=connect_timeout)
+        _validate.seconds(l1_ttl=l1_ttl, ack_timeout=ack_timeout, pool_timeout=pool_timeout, zero=True)
+        _validate.seconds(outage_l1_ttl=outage_l1_ttl, zero=True, optional=True)
+        _validate.count(breaker_threshold=breaker_threshold, pool_size=pool_size, minimum=1)
+        _validate.count(l1_maxsize=l1_maxsize, minimum=0, hint=" (0 turns L1 off)")
+        _validate.count(l1_maxbytes=l1_maxbytes, minimum=1, optional=True)
+        _validate.not_both(url=url, client=client)
+        _validate.serializer(serializer)
         self.namespace = namespace
         self._ack_timeout = ack_timeout
-        self._tenant_var: contextvars.ContextVar[str | None] | None = (
-            contextvars.ContextVar(f"tiercache_tenant_{namespace}", default=None) if tenants else None
-        )
-        codec = Codec(
-            serializer,
-            signing_key=signing_key,
-            compression=compression,
-            compress_threshold=compress_threshold,
-            max_value_bytes=max_value_bytes,
-        )
+        self._staleness_bound = staleness_bound
+        self._tenant_var = _tenant_var(namespace) if tenants else None
+        codec = _codec(serializer, signing_key, compression, compress_threshold, max_value_bytes)
         self._sync, self._async = _connect.connect(
             url, client, async_client, socket_timeout, connect_timeout, pool_size, pool_timeout
         )
-        has_remote = self._sync is not None
         if self._async is not None:
             self._async.coalesce = coalesce_reads
-        if not has_remote:
+        if self._sync is None:
             logger.info("tiercache: no Redis configured for namespace %r: L1 only", namespace)
         self._core = Core(
             namespace=namespace,
@@ -188,7 +166,7 @@ class TieredCache:
             l1_ttl=l1_ttl,
             local=LocalCache(l1_maxsize, l1_maxbytes, clock),
             codec=codec,
-            has_remote=has_remote,
+            has_remote=self._sync is not None,
             coherent=coherent,
             strict=strict,
             clock=clock,
@@ -198,9 +176,8 @@ class TieredCache:
             breaker_threshold=breaker_threshold,
             breaker_cooldown=breaker_cooldown,
         )
-        self._engine = Engine(self._core, self._sync, self._async, self._tenant_var)
-        self._staleness_bound = staleness_bound
         self._core.local.outage_ttl = staleness_bound if outage_l1_ttl is None else outage_l1_ttl
+        self._engine = Engine(self._core, self._sync, self._async, self._tenant_var)
         self._closed = False
         self._subscriber: _subscriber.Subscriber | None = None
         self._start_subscriber()
@@ -263,7 +240,7 @@ class TieredCache:
         Raises:
             CodecError: the serializer cannot encode ``value`` (or it is above max_value_bytes).
         """
-        _positive("ttl", ttl, optional=True)
+        _validate.seconds(ttl=ttl, optional=True)
         return self._engine.run(self._engine.set(key, value, ttl, l1_ttl, self._wait(wait, timeout)))
 
     def delete(self, *keys: str, wait: bool = False, timeout: float | None = None) -> WriteResult:
@@ -378,7 +355,7 @@ class TieredCache:
         await self.aclose()
 
     def _wait(self, wait: bool, timeout: float | None) -> float | None:
-        _positive("timeout", timeout, allow_zero=True, optional=True)
+        _validate.seconds(timeout=timeout, zero=True, optional=True)
         if not wait:
             return None
         return self._ack_timeout if timeout is None else timeout
@@ -409,7 +386,7 @@ class AsyncCacheView:
         timeout: float | None = None,
     ) -> WriteResult:
         """Store ``value`` in Redis and L1 and tell every other process to drop its copy."""
-        _positive("ttl", ttl, optional=True)
+        _validate.seconds(ttl=ttl, optional=True)
         flow = self._engine.set(key, value, ttl, l1_ttl, self._cache._wait(wait, timeout))
         return await self._engine.arun(flow)
 
@@ -469,10 +446,23 @@ def _track_for_fork(cache: TieredCache) -> None:
         _fork_hook_registered = True
 
 
-def _positive(name: str, value: float | None, *, allow_zero: bool = False, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (value == 0 and not allow_zero):  # type: ignore[operator]
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(f"{name}={value!r} must be a finite number of seconds {bound}")
+def _tenant_var(namespace: str) -> contextvars.ContextVar[str | None]:
+    """The context variable ``cache.tenant(...)`` sets (``TieredCache(tenants=True)``)."""
+    return contextvars.ContextVar(f"tiercache_tenant_{namespace}", default=None)
+
+
+def _codec(
+    serializer: Serializer | None,
+    signing_key: bytes | None,
+    compression: str | None,
+    compress_threshold: int,
+    max_value_bytes: int | None,
+) -> Codec:
+    """The codec of a cache's values; msgpack unless ``serializer`` says otherwise."""
+    return Codec(
+        MsgpackSerializer() if serializer is None else serializer,
+        signing_key=signing_key,
+        compression=compression,
+        compress_threshold=compress_threshold,
+        max_value_bytes=max_value_bytes,
+    )

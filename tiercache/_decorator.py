@@ -16,8 +16,8 @@ import typing
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, ParamSpec, TypeVar, overload
 
-from . import _read, _scope, _write
-from ._cache import TieredCache, _positive, engine_of
+from . import _read, _scope, _validate, _write
+from ._cache import TieredCache, engine_of
 from ._coherence import WriteResult
 from ._hit import KeyFn, NeedLoad, Scope, hit_path
 from ._keys import (
@@ -34,7 +34,7 @@ from ._policy import Policy
 from ._protocols import AsyncTieredFunction, TieredFunction
 from ._steps import Flow
 from ._types import CALL
-from .errors import BackendError, ConfigError
+from .errors import BackendError
 
 __all__ = ["AsyncTieredFunction", "TieredFunction", "tiered"]
 
@@ -71,8 +71,7 @@ class _Tiered:
         ttl = options.pop("ttl") or self._core.ttl
         l1_ttl = options.pop("l1_ttl")
         refresh_after = options.get("refresh_after")
-        if refresh_after is not None and refresh_after >= ttl:
-            raise ConfigError(f"refresh_after={refresh_after} must be less than ttl={ttl} (it refreshes before expiry)")
+        _validate.less_than("refresh_after", refresh_after, "ttl", ttl, " (it refreshes before expiry)")
         tags, tenant = options.pop("tags"), options.pop("tenant")
         scoped = tags is not None or tenant is not None or engine.tenant_var is not None
         self._scope = Scope(engine, tags, tenant) if scoped else None
@@ -300,8 +299,7 @@ class _Decorator:
             # helpers (.invalidate, .key, ...) get ``cls`` too, on every Python version.
             binding = "class" if isinstance(fn, classmethod) else "function"
             fn = fn.__func__
-        if not callable(fn):
-            raise ConfigError(f"@tiered needs a function, got {fn!r}")
+        _validate.decorated("@tiered", fn)
         impl = _AsyncTiered if inspect.iscoroutinefunction(fn) else _SyncTiered
         result = impl(fn, self._cache, self._key, self._name, dict(self._options))
         if binding is not None:
@@ -378,30 +376,19 @@ def tiered(
         A decorator turning a function into a :class:`TieredFunction` or, for ``async def``,
         an :class:`AsyncTieredFunction`.
     """
-    if not isinstance(cache, TieredCache):
-        raise ConfigError(f"tiered(cache=...) needs a TieredCache, got {cache!r}")
-    _positive("ttl", ttl, optional=True)
-    _positive("l1_ttl", l1_ttl, allow_zero=True, optional=True)
-    _positive("stale_ttl", stale_ttl, allow_zero=True)
-    _positive("soft_timeout", soft_timeout, optional=True)
-    _positive("hard_timeout", hard_timeout, optional=True)
-    _positive("refresh_beta", refresh_beta, allow_zero=True)
-    _positive("refresh_after", refresh_after, optional=True)
-    _positive("error_ttl", error_ttl)
-    if soft_timeout is not None and hard_timeout is not None and soft_timeout >= hard_timeout:
-        raise ConfigError(f"soft_timeout={soft_timeout} must be less than hard_timeout={hard_timeout}")
-    if not isinstance(ttl_jitter, (int, float)) or not 0 <= ttl_jitter < 1:
-        raise ConfigError(f"ttl_jitter={ttl_jitter!r} must be a fraction in [0, 1), e.g. 0.1")
-    if not isinstance(cache_errors, tuple) or not all(
-        isinstance(t, type) and issubclass(t, BaseException) for t in cache_errors
-    ):
-        raise ConfigError(f"cache_errors={cache_errors!r} must be a tuple of exception classes, e.g. (LookupError,)")
-    if key is not None and not callable(key):
-        raise ConfigError(f"key={key!r} must be a function with the decorated function's signature")
-    if isinstance(tags, str):
-        raise ConfigError(f"tags={tags!r} must be a list of names (e.g. tags=[{tags!r}]) or a function")
-    if tenant is not None and not callable(tenant):
-        raise ConfigError(f"tenant={tenant!r} must be a function of the call's arguments returning the tenant")
+    _validate.instance("tiered(cache=...)", cache, TieredCache)
+    _validate.seconds(ttl=ttl, soft_timeout=soft_timeout, hard_timeout=hard_timeout, optional=True)
+    _validate.seconds(refresh_after=refresh_after, optional=True)
+    _validate.seconds(l1_ttl=l1_ttl, zero=True, optional=True)
+    _validate.seconds(stale_ttl=stale_ttl, zero=True)
+    _validate.non_negative(refresh_beta=refresh_beta)
+    _validate.seconds(error_ttl=error_ttl)
+    _validate.less_than("soft_timeout", soft_timeout, "hard_timeout", hard_timeout)
+    _validate.fraction(ttl_jitter=ttl_jitter)
+    _validate.exception_types(cache_errors=cache_errors)
+    _validate.function("with the decorated function's signature", key=key)
+    _validate.names(tags=tags)
+    _validate.function("of the call's arguments returning the tenant", tenant=tenant)
     options: dict[str, Any] = {
         "ttl": ttl,
         "l1_ttl": l1_ttl,
@@ -413,11 +400,9 @@ def tiered(
         "ttl_jitter": ttl_jitter,
         "cache_errors": cache_errors,
         "error_ttl": error_ttl,
-        "tags": None if tags is None or callable(tags) else tuple(tags),
+        "tags": tags if tags is None or callable(tags) else tuple(tags),
         "tenant": tenant,
     }
-    if tags is not None and callable(tags):
-        options["tags"] = tags
     return _Decorator(cache, key, name, options)
 
 
