@@ -32,7 +32,8 @@ T = TypeVar("T")
 
 class BatchFunction(Generic[P, T]):
     """What ``@tiered_batch`` makes of a function: call it like the function (``await`` it for
-    an ``async def``); ``.keys(items, ...)`` and ``.invalidate(items, ...)`` work per item.
+    an ``async def``); ``.keys(items, ...)`` (``await .akeys(items, ...)`` in async code) and
+    ``.invalidate(items, ...)`` work per item.
 
     Example:
         >>> cache = TieredCache(namespace="docs-batch")
@@ -126,13 +127,14 @@ class BatchFunction(Generic[P, T]):
 
     def keys(self, *args: P.args, **kwargs: P.kwargs) -> list[str]:
         """The Redis key of each item of this call (in the current tenant's scope, whose
-        version may take a round trip to read)."""
+        version may take a blocking round trip to read: in async code, ``await f.akeys(...)``)."""
         keys, distinct = self._prepare(args, kwargs)[:2]
-        scoped = self._engine.run(self._scoped_keys(distinct))
-        if scoped is None:
-            raise BackendError("the tenant's version cannot be read from Redis")
-        mapping = dict(zip(distinct, scoped, strict=True))
-        return [mapping[k] for k in keys]
+        return _each(keys, distinct, self._engine.run(self._scoped_keys(distinct)))
+
+    async def akeys(self, *args: P.args, **kwargs: P.kwargs) -> list[str]:
+        """``keys``, with the tenant's version read on the event loop (never blocking it)."""
+        keys, distinct = self._prepare(args, kwargs)[:2]
+        return _each(keys, distinct, await self._engine.arun(self._scoped_keys(distinct)))
 
     def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> Any:
         """Drop these items' entries (in the current tenant's scope) from Redis and every
@@ -149,6 +151,14 @@ class BatchFunction(Generic[P, T]):
 
     def __repr__(self) -> str:
         return f"<tiered_batch {self._policy.name}>"
+
+
+def _each(keys: list[str], distinct: list[str], scoped: list[str] | None) -> list[str]:
+    """Each item's key in scope, from the distinct keys' (None: the tenant's version is unknown)."""
+    if scoped is None:
+        raise BackendError("the tenant's version cannot be read from Redis")
+    mapping = dict(zip(distinct, scoped, strict=True))
+    return [mapping[k] for k in keys]
 
 
 def tiered_batch(

@@ -92,19 +92,23 @@ class _Tiered:
 
     def key(self, *args: Any, **kwargs: Any) -> str:
         """The Redis key this call uses (in its scope: tags' and tenant's current versions,
-        which may take a round trip to Redis to read)."""
+        which may take a blocking round trip to Redis to read; an async function's
+        ``await f.akey(...)`` reads them on the event loop)."""
         if self._scope is None:
             return self._keyfn(args, kwargs)
-        key = self._engine.run(self._scoped(args, kwargs))
-        if key is None:
-            # Redis cannot say (down, breaker open): in strict mode that is an error; else the
-            # key at the last versions this process knew, so ``cache.invalidate(f.key(...))``
-            # still drops this process's copy and reports, rather than raises, that Redis failed.
-            if self._core.strict:
-                raise BackendError("the tag or tenant versions of this call cannot be read from Redis")
-            tenant, names = self._scope.resolve(args, kwargs)
-            key = scoped_key(self._keyfn(args, kwargs), tenant, _scope.known_versions(self._core, names))
-        return key
+        return self._or_known(self._engine.run(self._scoped(args, kwargs)), args, kwargs)
+
+    def _or_known(self, key: str | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        """``key``, or, when Redis cannot say (down, breaker open), the key at the versions this
+        process knows last (in strict mode, an error), so ``cache.invalidate(f.key(...))`` still
+        drops this process's copy and reports, rather than raises, that Redis failed."""
+        if key is not None:
+            return key
+        if self._core.strict:
+            raise BackendError("the tag or tenant versions of this call cannot be read from Redis")
+        assert self._scope is not None  # only scoped functions read versions
+        tenant, names = self._scope.resolve(args, kwargs)
+        return scoped_key(self._keyfn(args, kwargs), tenant, _scope.known_versions(self._core, names))
 
     def _scoped(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Flow[str | None]:
         """The call's key in its scope now (None: its versions cannot be read)."""
@@ -251,6 +255,17 @@ class _AsyncTiered(_Tiered):
         flow = self._refresh_flow(args, kwargs)
         return await self._engine.arun(flow, functools.partial(self._fn, *args, **kwargs))
 
+    async def akey(self, *args: Any, **kwargs: Any) -> str:
+        """``key``, with the versions of a scoped call read on the event loop (never blocking it)."""
+        if self._scope is None:
+            return self._keyfn(args, kwargs)
+        return self._or_known(await self._engine.arun(self._scoped(args, kwargs)), args, kwargs)
+
+    def _as_function(self) -> Callable[..., Any]:
+        call = super()._as_function()
+        call.akey = self.akey  # type: ignore[attr-defined]
+        return call
+
 
 class _Bound:
     """A decorated method bound to an instance: every helper gets the instance first."""
@@ -272,6 +287,12 @@ class _Bound:
 
     def key(self, *args: Any, **kwargs: Any) -> str:
         return self.__func__.key(self.__self__, *args, **kwargs)
+
+    def akey(self, *args: Any, **kwargs: Any) -> Coroutine[Any, Any, str]:
+        func = self.__func__
+        if not isinstance(func, _AsyncTiered):
+            raise AttributeError(f"{func!r} is a sync function: use .key(...)")
+        return func.akey(self.__self__, *args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__func__, name)

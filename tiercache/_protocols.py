@@ -49,7 +49,8 @@ class TieredFunction(Protocol[P, R]):
         ...
 
     def key(self, *args: P.args, **kwargs: P.kwargs) -> str:
-        """The Redis key this call uses."""
+        """The Redis key this call uses. With tags or a tenant, it depends on their current
+        versions, which may take a round trip to Redis to read."""
         ...
 
     @overload
@@ -65,7 +66,8 @@ class TieredFunction(Protocol[P, R]):
 
 class AsyncTieredFunction(Protocol[P, R]):
     """What ``@tiered`` makes of an ``async def``: ``await f(...)``, ``await f.invalidate(...)``,
-    ``await f.refresh(...)``; ``f.key(...)`` is plain."""
+    ``await f.refresh(...)``, ``await f.akey(...)`` (``f.key(...)`` is plain, and may block on
+    Redis for a function with tags or a tenant)."""
 
     __wrapped__: Callable[P, Coroutine[Any, Any, R]]
     cache: TieredCache
@@ -81,7 +83,13 @@ class AsyncTieredFunction(Protocol[P, R]):
         ...
 
     def key(self, *args: P.args, **kwargs: P.kwargs) -> str:
-        """The Redis key this call uses."""
+        """The Redis key this call uses. With tags or a tenant, reading their versions may take
+        a blocking round trip to Redis: in async code, use ``await f.akey(...)``."""
+        ...
+
+    async def akey(self, *args: P.args, **kwargs: P.kwargs) -> str:
+        """The Redis key this call uses, the versions of its tags and tenant read on the event
+        loop (without blocking it)."""
         ...
 
     @overload

@@ -64,11 +64,13 @@ def test_async_function(cache: TieredCache) -> None:
         assert isinstance(assert_type(await fetch.invalidate(1), WriteResult), WriteResult)
         assert assert_type(await fetch.refresh(1), dict[str, int]) == {"id": 1}
         assert assert_type(await fetch.__wrapped__(2), dict[str, int]) == {"id": 2}
+        assert assert_type(await fetch.akey(1), str) == fetch.key(1)  # the key without blocking the loop
 
     asyncio.run(scenario())
     if TYPE_CHECKING:
         _ = fetch("1")  # type: ignore[arg-type]
         fetch.key(user="1")  # type: ignore[call-arg]
+        _ = fetch.akey("1")  # type: ignore[arg-type]
         dict(fetch(1))  # type: ignore[call-overload]  # a coroutine until awaited
 
 
@@ -94,11 +96,13 @@ def test_methods(cache: TieredCache) -> None:
         assert assert_type(await repo.afind(2), list[int]) == [2]
         assert isinstance(assert_type(await repo.afind.invalidate(2), WriteResult), WriteResult)
         assert assert_type(await repo.afind.refresh(2), list[int]) == [2]
+        assert assert_type(await repo.afind.akey(2), str) == repo.afind.key(2)  # bound: self gone too
 
     asyncio.run(scenario())
     if TYPE_CHECKING:
         repo.find(repo, 1)  # type: ignore[arg-type, call-arg]
         repo.find.key("1")  # type: ignore[arg-type]
+        _ = repo.find.akey(1)  # type: ignore[attr-defined]  # a sync function has no akey
         Repo.find(1)  # type: ignore[arg-type, call-arg]
         _ = repo.afind("2")  # type: ignore[arg-type]
 
