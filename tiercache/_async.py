@@ -409,8 +409,13 @@ def _resolve(future: asyncio.Future[None]) -> None:
 
 async def drive(flow: Flow[R], remote: AsyncRedis | None, call: Callable[..., Awaitable[Any]] | None) -> R:
     """Run ``flow`` to its end, awaiting each step it yields, and return what it returns."""
+    return await _drive(flow, remote, call, None)
+
+
+async def _drive(
+    flow: Flow[R], remote: AsyncRedis | None, call: Callable[..., Awaitable[Any]] | None, error: BaseException | None
+) -> R:
     reply: Reply = None
-    error: BaseException | None = None
     while True:
         try:
             step = flow.throw(error) if error is not None else flow.send(reply)
@@ -431,5 +436,27 @@ async def drive(flow: Flow[R], remote: AsyncRedis | None, call: Callable[..., Aw
                 reply = await remote.execute(step)  # type: ignore[union-attr]
         except RemoteFailure as failure:  # a reply like any other: the flow settles it
             reply = failure
+        except GeneratorExit:
+            # This coroutine is being closed (``coro.close()``, or collected mid-await): it may
+            # not await again, and a flow thrown GeneratorExit could not yield its clean-up
+            # (giving its lease back). So the flow is finished as a cancelled one on a task.
+            _finish_closed(flow, remote, call)
+            raise
         except BaseException as exc:  # noqa: BLE001 - thrown into the flow, which decides
             error = exc
+
+
+def _finish_closed(flow: Flow[Any], remote: AsyncRedis | None, call: Callable[..., Awaitable[Any]] | None) -> None:
+    """Run the clean-up of a flow whose coroutine was closed: as if cancelled, on a task of the
+    running loop; with no loop running, close it (its lease then expires by itself)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        loop = None
+    if loop is None or loop.is_closed():
+        try:
+            flow.close()
+        except RuntimeError:  # it tried to yield a clean-up step: nothing can run it now
+            pass
+        return
+    _spawn_quietly(loop, _quietly(_drive(flow, remote, call, asyncio.CancelledError())))

@@ -363,15 +363,14 @@ def test_an_unreadable_value_is_a_miss_never_executed_and_replaced(clock: Clock)
 # -- cancellation ------------------------------------------------------------------------------
 
 
-#: A GeneratorExit thrown into a flow (the async driver throws in whatever its await raised: a
-#: coroutine closed mid-load) reaches ``_load`` as a ``close()`` (PEP 380: ``yield from`` closes
-#: the inner generator), where it may not yield: the release step is never sent (the lease
-#: stays until lease_ttl) and ``_lead`` fails the flight with ``RuntimeError: generator ignored
-#: GeneratorExit``, which callers joined to it get raised. Left as it is (the library is not
-#: this test's to change); this marks the gap and turns green when it is closed.
+#: A GeneratorExit thrown into a flow reaches ``_load`` as a ``close()`` (PEP 380: ``yield from``
+#: closes the inner generator), where it may not yield: no release step could be sent. So the
+#: drivers never throw it in: the async driver finishes the flow of a closed coroutine as a
+#: cancelled one, on a task (test_hangs.py::test_a_closed_coroutine_gives_its_lease_back).
+#: This marks that a flow itself cannot do it.
 _CLOSED = pytest.param(
     GeneratorExit,
-    marks=pytest.mark.xfail(strict=True, raises=RuntimeError, reason="no release step on GeneratorExit"),
+    marks=pytest.mark.xfail(strict=True, raises=RuntimeError, reason="a flow cannot yield on GeneratorExit"),
 )
 
 

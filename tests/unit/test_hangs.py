@@ -15,6 +15,7 @@ import pytest
 
 from tests.support import FakeRedisCaches, Mode
 from tiercache import TieredCache, tiered, tiered_batch
+from tiercache._remote import LEASE_PREFIX
 
 BOUND = 5.0  # seconds: every scenario here takes milliseconds; a hang waits forever
 LONG_LEASE = 60.0  # a lease wait, if one happened, would outlast BOUND
@@ -317,3 +318,50 @@ def test_a_loader_calling_its_key_through_a_plain_thread_pool_finishes(namespace
     finally:
         pool.shutdown(wait=False)
         cache.close()
+
+
+def test_a_closed_coroutine_gives_its_lease_back(namespace: str) -> None:
+    """A coroutine closed mid-load (``coro.close()``: GeneratorExit at its await) cannot await
+    its clean-up; the driver finishes the flow as a cancelled one on a task, so the lease goes
+    back at once and the next call computes instead of waiting lease_ttl (60 s here)."""
+    mode = Mode("async")
+    fake = FakeRedisCaches(mode, namespace, lease_ttl=LONG_LEASE)
+    cache = fake.cache()
+    started = asyncio.Event()
+    runs: list[int] = []
+
+    @tiered(cache, name="closing")
+    async def slow(x: int) -> int:
+        runs.append(x)
+        started.set()
+        await asyncio.sleep(3600 if len(runs) == 1 else 0)
+        return x
+
+    async def step_until_started(coro: Any) -> None:
+        """Drive ``coro`` by hand (its futures awaited here) until its function runs, then close it."""
+        value: Any = None
+        while True:
+            future = coro.send(value)
+            if started.is_set():  # suspended in the function, lease taken
+                break
+            if future is None:
+                await asyncio.sleep(0)
+            else:
+                await asyncio.wait([future])
+        coro.close()
+
+    async def main() -> int:
+        await step_until_started(slow(1))
+        for _ in range(200):  # the clean-up task runs
+            await asyncio.sleep(0.005)
+        leases = [k for k in fake.raw.keys("*") if (fake.raw.get(k) or b"").startswith(LEASE_PREFIX)]
+        assert cache.stats().in_flight == 0
+        assert leases == [], "the closed load left its lease behind"
+        return await asyncio.wait_for(slow(1), BOUND)
+
+    try:
+        assert mode.run(main()) == 1
+        assert runs == [1, 1]
+    finally:
+        fake.close()
+        mode.close()
