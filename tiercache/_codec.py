@@ -166,24 +166,19 @@ class Codec:
 
     def decode(self, key: str, data: bytes) -> Any:
         """The value in ``data``; CodecError for anything unknown, corrupt or unsigned."""
-        if len(data) < HEADER_LEN or data[0] != MAGIC or data[1] != ENVELOPE_VERSION:
-            raise CodecError(f"{key}: not a tiercache envelope (or another format version)")
-        ident, flags = data[2], data[3]
-        if ident != self.serializer.ident:
-            raise CodecError(f"{key}: written with serializer {ident}, configured {self.serializer.ident}")
-        if flags & ~(_SIGNED | _COMPRESSION_MASK):
-            raise CodecError(f"{key}: unknown envelope flags {flags:#x}")
-        body_at = HEADER_LEN
-        if flags & _SIGNED:
-            if self._key is None:
-                raise CodecError(f"{key}: value is signed but no signing_key is configured")
-            body_at += MAC_LEN
-            mac = data[HEADER_LEN:body_at]
-            if not hmac.compare_digest(mac, self._mac(key, data[:HEADER_LEN], data[body_at:])):
-                raise CodecError(f"{key}: signature does not match (tampered, or another signing_key)")
-        elif self._key is not None or self.serializer.requires_signature:
-            raise CodecError(f"{key}: value is not signed but a signature is required")
-        body = data[body_at:]
+        if (
+            len(data) < HEADER_LEN
+            or data[0] != MAGIC
+            or data[1] != ENVELOPE_VERSION
+            or data[2] != self.serializer.ident
+            or data[3] & ~(_SIGNED | _COMPRESSION_MASK)
+        ):
+            raise self._bad_header(key, data)
+        flags = data[3]
+        if flags & _SIGNED or self._key is not None or self.serializer.requires_signature:
+            body = data[self._verify(key, data, flags) :]
+        else:
+            body = data[HEADER_LEN:]
         compression = flags & _COMPRESSION_MASK
         if compression:
             body = self._decompress(key, compression, body)
@@ -195,6 +190,28 @@ class Codec:
             raise CodecError(f"{key}: cannot decode body with {self.serializer.name}: {repr(exc)[:200]}") from exc
         self._per_thread.decoded = (data, len(body))  # for held_size(data), next on this thread
         return value
+
+    def _bad_header(self, key: str, data: bytes) -> CodecError:
+        """What is wrong with an envelope header that ``decode`` refused."""
+        if len(data) < HEADER_LEN or data[0] != MAGIC or data[1] != ENVELOPE_VERSION:
+            return CodecError(f"{key}: not a tiercache envelope (or another format version)")
+        if data[2] != self.serializer.ident:
+            return CodecError(f"{key}: written with serializer {data[2]}, configured {self.serializer.ident}")
+        return CodecError(f"{key}: unknown envelope flags {data[3]:#x}")
+
+    def _verify(self, key: str, data: bytes, flags: int) -> int:
+        """Where the body starts, once its signature matches (or no signature is required)."""
+        if not flags & _SIGNED:
+            if self._key is not None or self.serializer.requires_signature:
+                raise CodecError(f"{key}: value is not signed but a signature is required")
+            return HEADER_LEN
+        if self._key is None:
+            raise CodecError(f"{key}: value is signed but no signing_key is configured")
+        body_at = HEADER_LEN + MAC_LEN
+        mac = data[HEADER_LEN:body_at]
+        if not hmac.compare_digest(mac, self._mac(key, data[:HEADER_LEN], data[body_at:])):
+            raise CodecError(f"{key}: signature does not match (tampered, or another signing_key)")
+        return body_at
 
     def _mac(self, key: str, header: bytes, body: bytes) -> bytes:
         assert self._key is not None
@@ -213,37 +230,44 @@ class Codec:
     def _decompress(self, key: str, compression: int, body: bytes) -> bytes:
         try:
             if compression == _ZLIB:
-                d = zlib.decompressobj()
-                out = d.decompress(body, self._max_decoded)
-                if d.unconsumed_tail:
-                    raise CodecError(f"{key}: decompressed value exceeds {self._max_decoded} bytes")
-                if not d.eof or d.unused_data:
-                    raise CodecError(f"{key}: zlib body is truncated or has trailing bytes")
-                return bytes(out)
+                return self._inflate_zlib(key, body)
             if compression == _ZSTD and self._zstd is not None:
-                declared = self._zstd.frame_content_size(body)
-                if 0 <= declared <= self._max_decoded:
-                    # One shot into a buffer of the declared size (our frames declare it);
-                    # a frame whose data outgrows its declaration is an error, not a bomb.
-                    decompressor = getattr(self._per_thread, "zstd", None)
-                    if decompressor is None:
-                        decompressor = self._per_thread.zstd = self._zstd.ZstdDecompressor()
-                    out = decompressor.decompress(body, max_output_size=declared, allow_extra_data=False)
-                    if len(out) != declared:
-                        raise CodecError(f"{key}: zstd body does not match its declared size")
-                    return bytes(out)
-                # Unknown or huge declared size: a stream reader honours the limit anyway.
-                reader = self._zstd.ZstdDecompressor().stream_reader(body)
-                chunks: list[bytes] = []
-                total = 0
-                while chunk := reader.read(min(1 << 20, self._max_decoded + 1 - total)):
-                    total += len(chunk)
-                    if total > self._max_decoded:
-                        raise CodecError(f"{key}: decompressed value exceeds {self._max_decoded} bytes")
-                    chunks.append(chunk)
-                return b"".join(chunks)
+                return self._inflate_zstd(key, body)
         except CodecError:
             raise
         except Exception as exc:
             raise CodecError(f"{key}: corrupt compressed body: {exc!r}") from exc
         raise CodecError(f"{key}: compression {compression} is not available here")
+
+    def _inflate_zlib(self, key: str, body: bytes) -> bytes:
+        d = zlib.decompressobj()
+        out = d.decompress(body, self._max_decoded)
+        if d.unconsumed_tail:
+            raise CodecError(f"{key}: decompressed value exceeds {self._max_decoded} bytes")
+        if not d.eof or d.unused_data:
+            raise CodecError(f"{key}: zlib body is truncated or has trailing bytes")
+        return bytes(out)
+
+    def _inflate_zstd(self, key: str, body: bytes) -> bytes:
+        assert self._zstd is not None
+        declared = self._zstd.frame_content_size(body)
+        if 0 <= declared <= self._max_decoded:
+            # One shot into a buffer of the declared size (our frames declare it);
+            # a frame whose data outgrows its declaration is an error, not a bomb.
+            decompressor = getattr(self._per_thread, "zstd", None)
+            if decompressor is None:
+                decompressor = self._per_thread.zstd = self._zstd.ZstdDecompressor()
+            out = decompressor.decompress(body, max_output_size=declared, allow_extra_data=False)
+            if len(out) != declared:
+                raise CodecError(f"{key}: zstd body does not match its declared size")
+            return bytes(out)
+        # Unknown or huge declared size: a stream reader honours the limit anyway.
+        reader = self._zstd.ZstdDecompressor().stream_reader(body)
+        chunks: list[bytes] = []
+        total = 0
+        while chunk := reader.read(min(1 << 20, self._max_decoded + 1 - total)):
+            total += len(chunk)
+            if total > self._max_decoded:
+                raise CodecError(f"{key}: decompressed value exceeds {self._max_decoded} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
