@@ -138,23 +138,7 @@ class Bus:
                 self._on_generation(generation, True)  # the namespace was cleared: new keys, L1 flushed
             elif msg_keys and origin != self.node_id:
                 self._check_writer_generation(msg_keys[0])
-            if self.last_seq is None:
-                pass  # not subscribed (a test may feed messages directly)
-            elif not self._past_base and seq <= self._base:
-                pass  # written before we read the base: already reflected in Redis
-            else:
-                if seq != self.last_seq + 1:
-                    # A gap (some message never reached us), or the counter went backwards
-                    # (the sequence key was flushed or evicted, so later gaps would look like
-                    # old messages): anything may be stale. Flush and follow the new count.
-                    self.gaps += 1
-                    self._log.emit(
-                        "gap", "tiercache: invalidation sequence broke (%s after %s): flushing L1", seq, self.last_seq
-                    )
-                    self._flights.flush(accepting=True)
-                    self.resync = True  # e.g. a FLUSHALL: the generation may have gone too
-                self.last_seq = seq
-                self._past_base = True
+            self._follow_sequence(seq)
             if origin != self.node_id:  # our own writes updated our L1 already
                 keys.extend(msg_keys)
             if ack_key:
@@ -164,6 +148,25 @@ class Bus:
         if filled:
             self._flights.announced(filled)
         return acks
+
+    def _follow_sequence(self, seq: int) -> None:
+        """Advance ``last_seq`` to a message's ``seq``, flushing L1 when the sequence broke."""
+        if self.last_seq is None:
+            return  # not subscribed (a test may feed messages directly)
+        if not self._past_base and seq <= self._base:
+            return  # written before we read the base: already reflected in Redis
+        if seq != self.last_seq + 1:
+            # A gap (some message never reached us), or the counter went backwards
+            # (the sequence key was flushed or evicted, so later gaps would look like
+            # old messages): anything may be stale. Flush and follow the new count.
+            self.gaps += 1
+            self._log.emit(
+                "gap", "tiercache: invalidation sequence broke (%s after %s): flushing L1", seq, self.last_seq
+            )
+            self._flights.flush(accepting=True)
+            self.resync = True  # e.g. a FLUSHALL: the generation may have gone too
+        self.last_seq = seq
+        self._past_base = True
 
     def _check_writer_generation(self, key: str) -> None:
         """A writer's keys name its generation (``tc:{ns}:v1:g<n>:...``, none: ""). One ahead
