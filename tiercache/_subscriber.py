@@ -167,32 +167,13 @@ class Subscriber:
             self._conn = conn
             subscribed_at: float | None = None
             try:
-                conn.connect()  # type: ignore[no-untyped-call]
-                conn.send_command("SUBSCRIBE", *self._bus.channels)  # type: ignore[no-untyped-call]
-                for _ in self._bus.channels:
-                    reply = conn.read_response(push_request=True)
-                    if not (isinstance(reply, list) and reply and reply[0] == b"subscribe"):
-                        raise redis.ResponseError(f"unexpected reply to SUBSCRIBE: {reply!r}")
-                if not self._probed:  # once: each probe reaches every subscriber
-                    self._probe_publish()
-                base, generation = self._remote.execute(self._sync_generation())
-                if self._stopping.is_set():
+                if not self._subscribe(conn):
                     break
-                self._bus.subscribed(base, generation)
                 subscribed_at = time.monotonic()
                 self._listen(conn)
             except Exception as exc:  # noqa: BLE001 - this thread must outlive anything a socket does
                 if not self._stopping.is_set():
-                    cause = exc.__cause__ if isinstance(exc, RemoteFailure) else exc
-                    if isinstance(cause, redis.exceptions.NoPermissionError):
-                        self._bus.denied = self._denied("SUBSCRIBE", cause)
-                    self._log.emit(
-                        "bus",
-                        "tiercache: invalidation subscriber lost (%s: %s); L1 flushed, and its entries live at most "
-                        "outage_l1_ttl until resubscribed",
-                        type(cause).__name__,
-                        cause,
-                    )
+                    self._report_loss(exc)
             finally:
                 with self._drain_lock:  # no caller may be reading this socket as it closes
                     self._raw = None
@@ -208,6 +189,36 @@ class Subscriber:
                 backoff = self.MIN_BACKOFF
             self._stopping.wait(RNG.uniform(0, backoff))
             backoff = min(backoff * 2, self.MAX_BACKOFF)
+
+    def _subscribe(self, conn: redis.Connection) -> bool:
+        """One subscription attempt on ``conn``: SUBSCRIBE, probe once, read the base sequence
+        and generation, and tell the bus; False when the subscriber is stopping meanwhile."""
+        conn.connect()  # type: ignore[no-untyped-call]
+        conn.send_command("SUBSCRIBE", *self._bus.channels)  # type: ignore[no-untyped-call]
+        for _ in self._bus.channels:
+            reply = conn.read_response(push_request=True)
+            if not (isinstance(reply, list) and reply and reply[0] == b"subscribe"):
+                raise redis.ResponseError(f"unexpected reply to SUBSCRIBE: {reply!r}")
+        if not self._probed:  # once: each probe reaches every subscriber
+            self._probe_publish()
+        base, generation = self._remote.execute(self._sync_generation())
+        if self._stopping.is_set():
+            return False
+        self._bus.subscribed(base, generation)
+        return True
+
+    def _report_loss(self, exc: Exception) -> None:
+        """Log a lost subscription (and remember a denied SUBSCRIBE for the bus to report)."""
+        cause = exc.__cause__ if isinstance(exc, RemoteFailure) else exc
+        if isinstance(cause, redis.exceptions.NoPermissionError):
+            self._bus.denied = self._denied("SUBSCRIBE", cause)
+        self._log.emit(
+            "bus",
+            "tiercache: invalidation subscriber lost (%s: %s); L1 flushed, and its entries live at most "
+            "outage_l1_ttl until resubscribed",
+            type(cause).__name__,
+            cause,
+        )
 
     def _listen(self, conn: redis.Connection) -> None:
         reader = getattr(getattr(conn, "_parser", None), "_reader", None)
