@@ -46,22 +46,10 @@ def connect(
         "socket_timeout": socket_timeout,
         "socket_connect_timeout": connect_timeout,
     }
-    sync_pool: redis.ConnectionPool
-    if url is not None:
-        try:
-            sync_pool = redis.BlockingConnectionPool.from_url(url, retry=Retry(NoBackoff(), 0), **common)
-        except ValueError as exc:
-            raise ConfigError(f"url={url!r} is not a Redis URL: {exc}") from None
-        async_url = url
-    elif client is not None:
-        if not isinstance(client, redis.Redis):
-            raise ConfigError(f"client={client!r} must be a redis.Redis (Redis Cluster support is not built yet)")
-        sync_pool = client.connection_pool
-        async_url = None
-    elif async_client is not None:
-        raise ConfigError("async_client= needs url or client= too (sync calls need a client)")
-    else:
+    chosen = _sync_pool(url, client, async_client, common)
+    if chosen is None:
         return None, None
+    sync_pool, async_url = chosen
     if sync_pool.connection_kwargs.get("decode_responses"):
         raise ConfigError("client= must be created with decode_responses=False: values are bytes")
 
@@ -85,6 +73,29 @@ def connect(
     else:
         make = _async_twin(sync_pool, common)
     return _sync.SyncRedis(sync_pool), _async.AsyncRedis(make_pool=make, limit=pool_size, wait=pool_timeout)
+
+
+def _sync_pool(
+    url: str | None,
+    client: redis.Redis | None,
+    async_client: redis.asyncio.Redis | None,
+    common: dict[str, Any],
+) -> tuple[redis.ConnectionPool, str | None] | None:
+    """The sync pool for ``url`` or ``client``, and the URL an async pool may be made from
+    (None: copy the sync pool's settings); None when no Redis is configured."""
+    if url is not None:
+        try:
+            pool = redis.BlockingConnectionPool.from_url(url, retry=Retry(NoBackoff(), 0), **common)
+        except ValueError as exc:
+            raise ConfigError(f"url={url!r} is not a Redis URL: {exc}") from None
+        return pool, url
+    if client is not None:
+        if not isinstance(client, redis.Redis):
+            raise ConfigError(f"client={client!r} must be a redis.Redis (Redis Cluster support is not built yet)")
+        return client.connection_pool, None
+    if async_client is not None:
+        raise ConfigError("async_client= needs url or client= too (sync calls need a client)")
+    return None
 
 
 def _async_twin(sync_pool: redis.ConnectionPool, common: dict[str, Any]) -> Callable[[], Any] | None:
