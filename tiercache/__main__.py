@@ -24,7 +24,7 @@ from typing import Any
 
 import redis
 
-from . import TieredCache, tiered
+from . import AsyncTieredFunction, TieredCache, TieredFunction, tiered
 
 __all__ = ["main"]
 
@@ -208,7 +208,22 @@ def _tour(backend: _Backend) -> int:
 
 def _steps(backend: _Backend, namespace: str, cache: TieredCache, other: TieredCache) -> int:
     loads: list[str] = []  # who computed what, in order
+    square = _step_sync_function(cache, loads)
+    square_b = _step_other_process(other, loads)
+    profile = _step_async_function(cache, loads)
+    _step_invalidate(backend, cache, other, square, square_b, loads)
+    _step_stats(cache)
+    _step_keys(backend, cache, square, profile)
 
+    errors = cache.stats().backend_errors + other.stats().backend_errors
+    if errors:
+        print(f"\n{errors} Redis calls failed during the demo (the cache failed open); see the log above.")
+        return 1
+    print("\nDone. Docs: docs/index.md. Tests: ./scripts/test.sh")
+    return 0
+
+
+def _step_sync_function(cache: TieredCache, loads: list[str]) -> TieredFunction[..., int]:
     def slow_square(x: int) -> int:
         loads.append("A")
         time.sleep(0.2)  # stands in for a database query
@@ -221,7 +236,10 @@ def _steps(backend: _Backend, namespace: str, cache: TieredCache, other: TieredC
     _step("1. a @tiered sync function", "@tiered(cache, ttl=60) def slow_square(x): sleeps 200 ms, returns x * x")
     _show("first call   slow_square(12)", cache, lambda: square(12), loads)
     _show("second call  slow_square(12)", cache, lambda: square(12), loads)
+    return square
 
+
+def _step_other_process(other: TieredCache, loads: list[str]) -> TieredFunction[..., int]:
     _step(
         "2. another process: a second TieredCache in the same namespace",
         "In production this is another worker; here it is a second TieredCache with its own L1",
@@ -236,7 +254,10 @@ def _steps(backend: _Backend, namespace: str, cache: TieredCache, other: TieredC
     square_b = tiered(other, ttl=60, name="demo.slow_square")(slow_square_b)
     _show("other: slow_square(12)", other, lambda: square_b(12), loads)
     _show("other: slow_square(12)", other, lambda: square_b(12), loads)
+    return square_b
 
+
+def _step_async_function(cache: TieredCache, loads: list[str]) -> AsyncTieredFunction[[int], dict[str, Any]]:
     _step(
         "3. an async function",
         "@tiered(cache) async def fetch_profile(user_id): awaits 200 ms. Ten concurrent callers:",
@@ -263,7 +284,17 @@ def _steps(backend: _Backend, namespace: str, cache: TieredCache, other: TieredC
         # closed by cache.close() at the end, once the loop has finished.
 
     asyncio.run(async_part())
+    return profile
 
+
+def _step_invalidate(
+    backend: _Backend,
+    cache: TieredCache,
+    other: TieredCache,
+    square: TieredFunction[..., int],
+    square_b: TieredFunction[..., int],
+    loads: list[str],
+) -> None:
     channel = cache._core.channel
     _step(
         "4. invalidate",
@@ -297,6 +328,8 @@ def _steps(backend: _Backend, namespace: str, cache: TieredCache, other: TieredC
     print(f"   cache.set('user:1', ..., wait=True) -> {written}")
     print("   (wait=True returns once every subscriber acknowledged applying the write, or after a timeout)")
 
+
+def _step_stats(cache: TieredCache) -> None:
     _step("5. cache.stats(): this process's counters (for monitoring, not accounting)")
     stats = cache.stats()
     print(f"   l1_hits={stats.l1_hits} l2_hits={stats.l2_hits} misses={stats.misses} loads={stats.loads}")
@@ -306,6 +339,13 @@ def _steps(backend: _Backend, namespace: str, cache: TieredCache, other: TieredC
     print(f"   bus_connected={stats.bus_connected} bus_messages={stats.bus_messages}", end=" ")
     print(f"bus_flushes={stats.bus_flushes} bus_gaps={stats.bus_gaps}")
 
+
+def _step_keys(
+    backend: _Backend,
+    cache: TieredCache,
+    square: TieredFunction[..., int],
+    profile: AsyncTieredFunction[[int], dict[str, Any]],
+) -> None:
     _step("6. the keys in Redis: .key() gives the exact key a call uses")
     key = square.key(12)
     stored = backend.raw.get(key)
@@ -316,13 +356,6 @@ def _steps(backend: _Backend, namespace: str, cache: TieredCache, other: TieredC
     print(f"   cache.key('user:1')    = {cache.key('user:1')}  (cache.get/set/delete keys)")
     print(f"   PTTL of the first key  = {backend.raw.pttl(key)} ms  (ttl=60 s)")
     print(f"   its value's header     = {header}  (magic c7, envelope v1, serializer 1 = msgpack, flags)")
-
-    errors = cache.stats().backend_errors + other.stats().backend_errors
-    if errors:
-        print(f"\n{errors} Redis calls failed during the demo (the cache failed open); see the log above.")
-        return 1
-    print("\nDone. Docs: docs/index.md. Tests: ./scripts/test.sh")
-    return 0
 
 
 async def _atimed(awaitable: Awaitable[Any]) -> tuple[Any, float]:
