@@ -338,28 +338,36 @@ def _normalize_json(value: Any, depth: int) -> Any:
     if depth >= _MAX_DEPTH:
         raise _too_deep()
     if issubclass(t, Mapping):
-        items = []
-        for k, v in dict.items(value) if issubclass(t, dict) else value.items():
-            if not isinstance(k, str):
-                raise _Unencodable(f"has a non-string key {_safe_repr(k)}: JSON object keys are strings", verb="")
-            name = str.__str__(k)
-            try:
-                items.append((name, _normalize_json(v, depth + 1)))
-            except _Unencodable as exc:
-                exc.steps.append(f"[{name!r}]")
-                raise
-        return dict(items)  # encoded with its keys sorted, and tagged apart from arrays
+        return _normalize_json_object(value, t, depth)
     if issubclass(t, (list, tuple)):
-        out = []
-        try:
-            raw = list.__getitem__(value, _WHOLE) if issubclass(t, list) else tuple.__getitem__(value, _WHOLE)
-            for i, v in enumerate(raw):  # noqa: B007 - ``i`` is read by the except clause
-                out.append(_normalize_json(v, depth + 1))
-        except _Unencodable as exc:
-            exc.steps.append(f"[{i}]")
-            raise
-        return out
+        return _normalize_json_array(value, t, depth)
     raise _Unencodable(f"is a {t.__qualname__}: not JSON (dict, list, str, number, bool, None)", verb="")
+
+
+def _normalize_json_object(value: Any, t: type, depth: int) -> dict[str, Any]:
+    items = []
+    for k, v in dict.items(value) if issubclass(t, dict) else value.items():
+        if not isinstance(k, str):
+            raise _Unencodable(f"has a non-string key {_safe_repr(k)}: JSON object keys are strings", verb="")
+        name = str.__str__(k)
+        try:
+            items.append((name, _normalize_json(v, depth + 1)))
+        except _Unencodable as exc:
+            exc.steps.append(f"[{name!r}]")
+            raise
+    return dict(items)  # encoded with its keys sorted, and tagged apart from arrays
+
+
+def _normalize_json_array(value: Any, t: type, depth: int) -> list[Any]:
+    out = []
+    try:
+        raw = list.__getitem__(value, _WHOLE) if issubclass(t, list) else tuple.__getitem__(value, _WHOLE)
+        for i, v in enumerate(raw):  # noqa: B007 - ``i`` is read by the except clause
+            out.append(_normalize_json(v, depth + 1))
+    except _Unencodable as exc:
+        exc.steps.append(f"[{i}]")
+        raise
+    return out
 
 
 def json_key(value: Any) -> str:
