@@ -142,7 +142,9 @@ class AsyncRedis:
             await _landed(task, self._landing_limit())
             raise
 
-    async def _execute_batch(self, batch: list[tuple[RedisOp, asyncio.Future[Any] | None]]) -> Any:
+    async def _execute_batch(  # noqa: C901, PLR0912, PLR0915 - the async L2 hot path: one pipeline round trip, no extra awaits
+        self, batch: list[tuple[RedisOp, asyncio.Future[Any] | None]]
+    ) -> Any:
         mine: Any = None
         own_error: RemoteFailure | None = None
         try:

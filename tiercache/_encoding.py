@@ -84,7 +84,7 @@ def _qualified_name(obj: Any) -> str:
     return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
 
 
-def _encode(obj: Any, out: bytearray, depth: int) -> None:
+def _encode(obj: Any, out: bytearray, depth: int) -> None:  # noqa: C901, PLR0912 - the L1-miss hot path: a branch per common type, exact checks first
     t = type(obj)
     # Exact-type checks first: the common cases, and bool before int (bool is an int).
     if t is str:
@@ -186,7 +186,7 @@ def _base_attr(cls: type, name: str, obj: Any) -> Any:
     return cls.__dict__[name].__get__(obj, cls)
 
 
-def _encode_other(obj: Any, out: bytearray, depth: int) -> None:
+def _encode_other(obj: Any, out: bytearray, depth: int) -> None:  # noqa: C901, PLR0912, PLR0915 - a type dispatcher: one branch per supported key type, in order
     # Everything here reads values through the base class's own implementation
     # (``dt.date.isoformat(obj)``, not ``obj.isoformat()``): a subclass must not choose its key.
     if depth >= _MAX_DEPTH:

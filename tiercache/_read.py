@@ -30,7 +30,7 @@ def get(core: Core, key: str) -> Flow[Any]:
     return (yield from read_through(core, key, core.default_policy, False))
 
 
-def read_through(core: Core, key: str, policy: Policy, load: bool) -> Flow[Any]:
+def read_through(core: Core, key: str, policy: Policy, load: bool) -> Flow[Any]:  # noqa: C901 - the read hot path, kept in one frame
     """L2, else the function (when ``load``), single-flighted per key. L1 was checked already.
 
     Returns the value, or MISSING when ``load`` is false and neither tier has it.
@@ -118,7 +118,9 @@ def _lead(core: Core, flight: Flight, key: str, policy: Policy, load: bool) -> F
     return value
 
 
-def _join(core: Core, flight: Flight, policy: Policy, stale: Any, load: bool, started: float) -> Flow[Any]:
+def _join(  # noqa: C901, PLR0911 - the join hot path: one exit per way a wait ends
+    core: Core, flight: Flight, policy: Policy, stale: Any, load: bool, started: float
+) -> Flow[Any]:
     """Wait for another caller's load of the key; RETRY when it ended without an answer,
     SOLO when this caller may not wait for it (a sync driver refuses a wait that would never
     end; see ``_sync.wait``)."""

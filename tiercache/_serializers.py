@@ -90,7 +90,7 @@ class MsgpackSerializer:
             data, ext_hook=self._ext_hook, strict_map_key=False, raw=False, unicode_errors="surrogatepass"
         )
 
-    def _default(self, obj: Any) -> Any:
+    def _default(self, obj: Any) -> Any:  # noqa: C901, PLR0911, PLR0912 - a type dispatcher: one branch per extension type
         t = type(obj)
         if t is tuple:
             return msgpack.ExtType(1, self.dumps(list(obj)))
@@ -192,7 +192,7 @@ class MsgpackSerializer:
                 "register it with serializer.register(cls) or name it in the return annotation"
             ) from None
 
-    def _ext_hook(self, code: int, data: bytes) -> Any:
+    def _ext_hook(self, code: int, data: bytes) -> Any:  # noqa: C901, PLR0911, PLR0912 - a dispatcher: one branch per extension code
         if code == 1:
             return tuple(self.loads(data))
         if code in (2, 4):
