@@ -20,8 +20,9 @@ from ._types import MISSING
 
 __all__ = ["ELSEWHERE", "Flight", "FlightTable"]
 
-#: ``Flight.thread`` of a signal that another process's lease holder ends (by its fill or
-#: release), or, when its flight was detached here, a load of this process on any thread.
+#: ``Flight.thread`` of a signal that the holder of a key's lease ends (by its fill or
+#: release) when that holder is a load of this process, on any thread (its flight may have
+#: been detached here); a lease of another process leaves ``thread`` None (see ``_lease``).
 ELSEWHERE = -1
 
 

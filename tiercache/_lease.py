@@ -7,7 +7,7 @@ from typing import Any
 
 from . import _remote
 from ._core import Core
-from ._flight import Flight
+from ._flight import ELSEWHERE, Flight
 from ._steps import Flow, Wait
 from ._types import FAILED, SKIPPED
 
@@ -42,6 +42,11 @@ def await_other(core: Core, key: str, marker: bytes) -> Flow[tuple[Any, float]]:
                 return False, sent_at
             if type(got) is not int:
                 return got, sent_at
+            # Held by a load of this process: a blocking wait on an event loop's thread is
+            # refused (that load may be this very loop's, which cannot fill while it is
+            # blocked). Held by another process: anyone may wait, as for any lease.
+            signal.thread = ELSEWHERE if got < 0 else None
+            got = abs(got)
             now = core.clock()
             if now + got / 1000.0 > lease_ends + 0.005:
                 # A new lease (the holder died or failed, and another waiter took over):

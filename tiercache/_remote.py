@@ -157,6 +157,7 @@ local left = redis.call('PTTL', KEYS[1])
 if string.sub(v, 1, 2) == ARGV[3] then
   if left < 1 then left = tonumber(ARGV[2]) end
   redis.call('SET', KEYS[2], '1', 'PX', left)
+  if string.sub(v, 1, #ARGV[4]) == ARGV[4] then return -left end
   return left
 end
 return {v, left}
@@ -234,14 +235,20 @@ def _parse_wait(reply: Any) -> tuple[bytes, int] | bool | int:
         return True  # the lease is ours now
     if isinstance(reply, list):
         return reply[0], int(reply[1])
-    return int(reply)  # another process holds the lease for this many more milliseconds
+    # A lease holder holds it for this many more milliseconds: negative when the holder is a
+    # load of this very process (its marker starts with ours).
+    return int(reply)
 
 
 def wait_lease(key: str, marker: bytes, lease_ms: int) -> RedisOp:
     """Look again at a key another process is loading: parses to ``(bytes, pttl_ms)`` for a
     value, True when we took the lease (it was released or expired), or the milliseconds the
-    other lease has left (and the waiter flag is raised, so its fill will be announced)."""
-    return RedisOp(("EVALSHA", _WAIT.sha, 2, key, waiters_key(key), marker, lease_ms, LEASE_PREFIX), _parse_wait, _WAIT)
+    other lease has left (and the waiter flag is raised, so its fill will be announced),
+    negated when the holder is this process (its marker has our prefix)."""
+    ours = marker[: marker.rindex(b":") + 1]
+    return RedisOp(
+        ("EVALSHA", _WAIT.sha, 2, key, waiters_key(key), marker, lease_ms, LEASE_PREFIX, ours), _parse_wait, _WAIT
+    )
 
 
 def replace(key: str, old: bytes, data: bytes, ttl_ms: int) -> RedisOp:

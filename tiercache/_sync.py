@@ -79,10 +79,11 @@ def wait(flight: Flight, timeout: float | None = None) -> bool:
     - its leader is this thread: an outer frame (a loader that reads its own key) or, for
       an async leader, this thread's event loop, which a sync call made from a coroutine
       blocks (issue 9, items 6 and 7);
-    - it waits for a lease's holder (``ELSEWHERE``) while this thread runs an event loop:
-      the holder may be a load of this very loop (its flight detached by a flush), which
-      cannot fill while the loop is blocked, and a wait of up to ``lease_ttl`` would stall
-      every task of the loop."""
+    - it waits for a lease held by a load of this process (``ELSEWHERE``) while this thread
+      runs an event loop: the holder may be a load of this very loop (its flight detached by
+      a flush), which cannot fill while the loop is blocked. A lease another process holds
+      is waited for as anywhere else (single-flight across processes holds for sync calls
+      made from coroutines too)."""
     home = flight.thread
     if home is not None and (home == threading.get_ident() or (home == ELSEWHERE and _loop_running())):
         return False

@@ -298,7 +298,7 @@ def test_a_lease_held_elsewhere_is_waited_for_then_its_fill_read(clock: Clock) -
     marker = flow.op.args[2]
     flow.redis("SET", KEY).send(False)  # another process's marker is in the key
     flow.redis(script=WAIT_LEASE, keys=[KEY, WAITERS])  # look again, and raise our waiter flag
-    assert flow.op.args[5:] == (marker, LEASE_MS, LEASE_PREFIX)
+    assert flow.op.args[5:] == (marker, LEASE_MS, LEASE_PREFIX, marker[: marker.rindex(b":") + 1])
     flow.send(800)  # that lease has 800 ms left
     flow.wait(timeout=0.801)
     signal = flow.waiting.flight

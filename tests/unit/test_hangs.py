@@ -7,6 +7,7 @@ fails the test instead of hanging the suite."""
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -110,33 +111,46 @@ def test_sync_function_on_the_loop_thread_computes_instead_of_joining(
     assert (got, loaded, calls) == ("sync", "async", [1])
 
 
-def test_sync_call_on_a_loop_thread_does_not_wait_for_a_lease(namespace: str) -> None:
-    """Neighbour: the key's lease is held (by another process, or by a load of this loop whose
-    flight a flush detached): a sync call from a coroutine does not block its loop for the
-    lease's TTL; it computes (and stores nothing: the lease is not its own)."""
+def test_sync_call_on_a_loop_thread_does_not_wait_for_a_lease_of_this_process(namespace: str) -> None:
+    """Neighbour: the key's lease is held by a load of this process (perhaps of this very loop,
+    its flight detached by a flush): a sync call from a coroutine does not block its loop for
+    the lease's TTL; it computes (and stores nothing: the lease is not its own). A lease of
+    another process it waits for, like any caller (single-flight across processes)."""
     fake = FakeRedisCaches(Mode("sync"), namespace, lease_ttl=LONG_LEASE)
     try:
         cache = fake.cache()
         calls: list[int] = []
+        holders: list[bytes | None] = []
 
         @tiered(cache, name="leased", key=lambda x: f"k{x}")
         def compute(x: int) -> str:
             calls.append(x)
+            holders.append(fake.raw.get(compute.key(x)))  # whose lease is on the key meanwhile
             return "computed"
 
+        async def main(x: int) -> str:
+            return compute(x)
+
         redis_key = compute.key(1)
-        fake.raw.set(redis_key, b"\xc7\x00someone-else:1", px=int(LONG_LEASE * 1000))
-
-        async def main() -> str:
-            return compute(1)
-
-        assert finishes(lambda: asyncio.run(main())) == "computed"
+        ours = b"\xc7\x00" + cache._core.node_id.encode() + b":999"
+        fake.raw.set(redis_key, ours, px=int(LONG_LEASE * 1000))
+        assert finishes(lambda: asyncio.run(main(1))) == "computed"
         assert calls == [1]
-        assert fake.raw.get(redis_key) == b"\xc7\x00someone-else:1"  # not stored over its lease
-        # Outside an event loop, a sync caller still waits for the lease (here: until its holder
-        # gives it back), as before.
-        threading.Timer(0.05, fake.raw.delete, (redis_key,)).start()
-        assert compute(2) == "computed"
+        assert fake.raw.get(redis_key) == ours  # not stored over its lease
+
+        # Another process's lease: waited for (here until its holder gives it back), on a loop's
+        # thread as outside one.
+        other_key = compute.key(2)
+        fake.raw.set(other_key, b"\xc7\x00someone-else:1", px=int(LONG_LEASE * 1000))
+
+        def holder_gives_it_back() -> None:
+            fake.raw.delete(other_key)
+            fake.raw.publish(cache._core.channel, json.dumps({"n": "someone-else", "f": [other_key]}))
+
+        threading.Timer(0.3, holder_gives_it_back).start()
+        assert finishes(lambda: asyncio.run(main(2))) == "computed"
+        assert calls == [1, 2]
+        assert holders[1] != b"\xc7\x00someone-else:1", "computed under the other process's lease"
     finally:
         fake.close()
 
