@@ -262,7 +262,9 @@ class TieredCache:
         """Drop every entry of this namespace (decorated functions, ``cache.set`` keys, every
         tenant), in Redis and in every process's L1, in O(1): the namespace moves to a new
         generation, so every key changes, and the old entries expire by their TTL. See
-        ``set`` for ``wait``. (A ``coherent=False`` process learns of it when it restarts.)"""
+        ``set`` for ``wait``. (A ``coherent=False`` process has no subscriber, so it never reads
+        the generation: it keeps the one it started with, and after a ``clear()`` elsewhere its
+        keys are no longer the others'. Restart such processes after a clear.)"""
         return self._engine.run(self._engine.clear(self._wait(wait, timeout)))
 
     def invalidate_tenant(self, tenant: str, wait: bool = False, timeout: float | None = None) -> WriteResult:

@@ -64,17 +64,16 @@ class Bus:
         node_id: str,
         flights: FlightTable,
         log: RateLimitedLog,
-        on_generation: Callable[[str, bool], None] = lambda generation, forward_only: None,
-        generation: Callable[[], str] = lambda: "",
+        on_generation: Callable[[str], None] = lambda generation: None,
     ) -> None:
         self._on_generation = on_generation
         #: The namespace's Redis names: the channel, and the generation a writer's keys name.
         self.keyspace = keyspace
-        #: This process's generation of the namespace ("" before any clear).
-        self.generation = generation
         #: Set when the sequence broke: the subscriber thread then checks that Redis's
         #: generation did not go backwards (``_remote.sync_generation``) before going on.
         self.resync = False
+        #: The (writer's, ours) generations of the last resync a lagging writer caused.
+        self._resynced_for: tuple[str, str] | None = None
         #: Why this process's writes cannot reach the others (the ACL user may not PUBLISH
         #: on the channel), found when subscribing; ``cache.ready()`` raises it.
         self.denied: str | None = None
@@ -100,7 +99,7 @@ class Bus:
         """The subscription is confirmed and ``base_seq`` (and the namespace's ``generation``,
         never behind ours: see ``_remote.sync_generation``) read after it: trust L1 again,
         starting empty (messages may have been lost while we were not subscribed)."""
-        self._on_generation(generation, True)
+        self._on_generation(generation)
         self.resync = False
         self.last_seq = base_seq
         self._base = base_seq
@@ -111,7 +110,7 @@ class Bus:
 
     def apply_generation(self, generation: str) -> None:
         """Adopt ``generation`` if it is later than ours (never go back)."""
-        self._on_generation(generation, True)
+        self._on_generation(generation)
 
     def lost(self) -> None:
         """The subscription is gone or in doubt: stop trusting L1 until resubscribed."""
@@ -135,7 +134,7 @@ class Bus:
             self.messages += 1
             seq, origin, msg_keys, ack_key, generation = msg
             if generation is not None:
-                self._on_generation(generation, True)  # the namespace was cleared: new keys, L1 flushed
+                self._on_generation(generation)  # the namespace was cleared: new keys, L1 flushed
             elif msg_keys and origin != self.node_id:
                 self._check_writer_generation(msg_keys[0])
             self._follow_sequence(seq)
@@ -177,12 +176,15 @@ class Bus:
         theirs = self.keyspace.generation_of(key)
         if theirs is None:
             return  # not a generation-scoped key (tag and tenant counters)
-        ours = self.generation()
+        ours = self.keyspace.generation
         if theirs == ours:
             return
         if _generation_number(theirs) > _generation_number(ours):
-            self._on_generation(theirs, True)
-        else:
+            self._on_generation(theirs)
+        elif (theirs, ours) != self._resynced_for:
+            # Once per lagging generation: a writer that stays behind (a coherent=False
+            # process, which never reads the generation) must not cost a round trip per message.
+            self._resynced_for = (theirs, ours)
             self.resync = True
 
     def _parse(self, payload: bytes) -> tuple[int, str, list[str], str, str | None] | list[str] | None:

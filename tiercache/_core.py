@@ -107,7 +107,7 @@ class Core:
         #: The invalidation bus, when other processes can share this namespace. Until its
         #: subscriber confirms a subscription, L1 takes no entries (invariant 4).
         self.bus = (
-            Bus(self.keyspace, self.node_id, self.flights, self.log, self.apply_generation, self._generation)
+            Bus(self.keyspace, self.node_id, self.flights, self.log, self.apply_generation)
             if has_remote and coherent
             else None
         )
@@ -142,14 +142,11 @@ class Core:
 
     # -- generations (state the bus changes) ---------------------------------------------------
 
-    def _generation(self) -> str:
-        return self.keyspace.generation
-
-    def apply_generation(self, generation: str, forward_only: bool = True) -> None:
+    def apply_generation(self, generation: str) -> None:
         """Adopt the namespace's generation (from the bus, our own ``clear``, or read when
-        subscribing: ``forward_only=False``): new keys from now on, and L1 emptied (loads in
+        subscribing), if it is later than ours: new keys from now on, and L1 emptied (loads in
         flight dirtied) since it holds the old ones."""
-        if self.keyspace.advance(generation, forward_only):
+        if self.keyspace.advance(generation):
             self.flights.flush(accepting=self.local.accepting, keep_stale=False)
 
     # -- the fail-open policy of a Redis step ------------------------------------------------

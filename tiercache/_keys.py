@@ -463,14 +463,12 @@ class KeySpace:
     def register(self, maker: KeyMaker) -> None:
         self._makers.add(maker)
 
-    def advance(self, generation: str, forward_only: bool = True) -> bool:
-        """Adopt ``generation`` (a decimal number, "" for none yet); True if it changed. Only
-        a later one, unless not ``forward_only`` (what Redis holds when we subscribe is the
-        truth, even if it went backwards, e.g. after a FLUSHALL). The root changes first,
-        then every registered KeyMaker forgets its memos (see ``KeyMaker.__call__``)."""
-        if generation == self.generation:
-            return False
-        if forward_only and _generation_number(generation) <= _generation_number(self.generation):
+    def advance(self, generation: str) -> bool:
+        """Adopt ``generation`` (a decimal number, "" for none yet) if it is later than ours;
+        True if it changed. Generations never go back (a counter in Redis that did is brought
+        forward instead: ``_remote.sync_generation``). The root changes first, then every
+        registered KeyMaker forgets its memos (see ``KeyMaker.__call__``)."""
+        if _generation_number(generation) <= _generation_number(self.generation):
             return False
         self.generation = generation
         self.root = _generation_root(self.namespace, generation)

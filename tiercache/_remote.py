@@ -144,9 +144,10 @@ LEASE_PREFIX = b"\xc7\x00"
 # on the invalidation channel. Fills nobody waits for publish nothing.
 
 # KEYS[1] the value, KEYS[2] its waiter flag. ARGV[1] our marker, ARGV[2] lease ms, ARGV[3]
-# the marker prefix. A value: {bytes, pttl}. Empty (the holder released, or its lease
-# expired): take the lease, nil. Another's marker: raise the waiter flag for as long as that
-# lease lives, and answer its PTTL.
+# the marker prefix, ARGV[4] this process's marker prefix. A value: {bytes, pttl}. Empty (the
+# holder released, or its lease expired): take the lease, nil. Another's marker: raise the
+# waiter flag for as long as that lease lives, and answer its PTTL (negated when the marker
+# is this process's own).
 _WAIT = Script("""
 local v = redis.call('GET', KEYS[1])
 if not v then

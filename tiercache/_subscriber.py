@@ -19,7 +19,6 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from ._coherence import Bus
-from ._keys import _generation_number
 from ._metrics import RateLimitedLog
 from ._remote import RedisOp, RemoteFailure, ack, probe_publish, sync_generation
 from ._sync import SyncRedis
@@ -365,9 +364,7 @@ class Subscriber:
 
     def _sync_generation(self) -> RedisOp:
         bus = self._bus
-        return sync_generation(
-            self._seq_key, self._gen_key, _generation_number(bus.generation()), bus.channel, bus.node_id
-        )
+        return sync_generation(self._seq_key, self._gen_key, bus.keyspace.generation_number(), bus.channel, bus.node_id)
 
     def _resync(self) -> None:
         """The sequence broke (a FLUSHALL?): make sure the generation did not go backwards in
