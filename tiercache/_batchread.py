@@ -14,7 +14,7 @@ from . import _remote
 from ._core import LOADING, Core, ms, pttl_seconds
 from ._flight import Flight
 from ._policy import Policy
-from ._steps import CallWith, Flow, Wait
+from ._steps import CallWith, Flow
 from ._types import FAILED, MISSING, SKIPPED
 
 __all__ = ["read_batch"]
@@ -49,17 +49,27 @@ def read_batch(
                 (led if leader else joined).append((i, flight))
         if led:
             results.update((yield from _lead(core, keys, items, led, policy, name)))
-        pending = []
-        for i, flight in joined:
-            if not flight.done and (yield Wait(flight)) is False:  # see _sync.wait
-                alone.append(i)
-            elif flight.error is None and not flight.abandoned and flight.value is not MISSING:
-                results[keys[i]] = flight.value
-            else:
-                pending.append(i)
+        pending = yield from _join(core, keys, joined, results, alone)
         if alone:
             results.update((yield from _load(core, [keys[i] for i in alone], [items[i] for i in alone], policy, name)))
     return results
+
+
+def _join(
+    core: Core, keys: Sequence[str], joined: list[tuple[int, Flight]], results: dict[str, Any], alone: list[int]
+) -> Flow[list[int]]:
+    """Wait for the loads other calls lead, putting their values into ``results``; items this
+    caller may not wait for go to ``alone``; returns the items to go round again (their load
+    failed, was cancelled, or outlasted ``lease_ttl``)."""
+    again = []
+    for i, flight in joined:
+        if not (yield from core.await_leader(flight)):  # see _sync.wait
+            alone.append(i)
+        elif flight.done and flight.error is None and not flight.abandoned and flight.value is not MISSING:
+            results[keys[i]] = flight.value
+        else:
+            again.append(i)
+    return again
 
 
 def _from_l1(core: Core, keys: Sequence[str], indices: Sequence[int], results: dict[str, Any]) -> list[int]:

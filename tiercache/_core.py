@@ -18,13 +18,13 @@ from typing import Any, Literal
 from . import _remote
 from ._codec import Codec
 from ._coherence import Bus
-from ._flight import FlightTable
+from ._flight import Flight, FlightTable
 from ._keys import KeySpace
 from ._local import LocalCache
 from ._metrics import BUS_COUNTER_FIELDS, CacheStats, Counters, RateLimitedLog
 from ._policy import Policy
 from ._remote import LEASE_PREFIX, Breaker, PoolBusy, RedisOp, RemoteFailure, UnreadableReply
-from ._steps import CallWith, Flow, Reply
+from ._steps import CallWith, Flow, Reply, Wait
 from ._types import FAILED, MISSING, SKIPPED, Sentinel
 from .errors import BackendError, CodecError, ValueTooLargeError
 
@@ -198,6 +198,22 @@ class Core:
     def release(self, keys: Sequence[str], marker: bytes) -> Flow[Any]:
         """Give the leases ``marker`` holds on ``keys`` back (announced to waiters), quietly."""
         return (yield from self.quietly(_remote.release_many(keys, marker, self.channel, self.node_id)))
+
+    def await_leader(self, flight: Flight) -> Flow[bool]:
+        """Wait for another caller's load of ``flight.key`` (single-key or batch), at most
+        ``lease_ttl``, like a wait for another process's lease: a leader slower than that
+        stores nothing in Redis anyway, and one that waits for this very caller (its function
+        calls its own key through a thread that does not carry its context) would never end.
+        Past the bound a load still running is taken off the table, so the first waiter to
+        retry leads a new one and the others join it (one extra call per ``lease_ttl``, not
+        one per waiter). False when the caller may not wait at all (see ``_sync.wait``)."""
+        if flight.done:
+            return True
+        if (yield Wait(flight, self.lease_ms / 1000.0)) is False:
+            return False
+        if not flight.done:
+            self.flights.release(flight)
+        return True
 
     def ack_key(self, wait: float | None) -> str:
         """A fresh acknowledgement list for a write that waits (``wait`` not None), else ""."""

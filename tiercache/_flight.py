@@ -225,7 +225,6 @@ class FlightTable:
             signal = self._fills.get(key)
             if signal is None or signal.done:
                 signal = self._fills[key] = Flight(key)
-                signal.thread = ELSEWHERE
             return signal
 
     def drop_fill(self, signal: Flight) -> None:

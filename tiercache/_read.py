@@ -136,12 +136,10 @@ def _join(  # noqa: C901, PLR0911 - the join hot path: one exit per way a wait e
             return SOLO
         if not flight.done:
             return (yield from _time_out(core, flight, policy, stale, hard))
-    # Else bounded like a wait for another process's lease: a leader slower than lease_ttl
-    # stores nothing in Redis anyway, and a leader that waits for this very caller (its
-    # function calls its own key through a thread that does not carry its context) would
-    # otherwise never finish. Past the bound this caller loads on its own.
-    elif not flight.done and ((yield Wait(flight, core.lease_ms / 1000.0)) is False or not flight.done):
+    elif not (yield from core.await_leader(flight)):
         return SOLO
+    if not flight.done:  # past lease_ttl: this caller retries, leading a new load or joining one
+        return RETRY
     if flight.abandoned:  # the leader was cancelled: try again, maybe as the leader
         return RETRY
     if load and flight.value is MISSING and flight.error is None:

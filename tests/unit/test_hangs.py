@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
-from tests.support import FakeRedisCaches, Mode
+from tests.support import FakeRedisCaches, Mode, eventually
 from tiercache import TieredCache, tiered, tiered_batch
 from tiercache._remote import LEASE_PREFIX
 
@@ -379,3 +380,56 @@ def test_a_closed_coroutine_gives_its_lease_back(namespace: str) -> None:
     finally:
         fake.close()
         mode.close()
+
+
+def test_a_batch_function_calling_itself_through_a_plain_thread_pool_finishes(namespace: str) -> None:
+    """The batch read's joins are bounded the same way (one helper, ``Core.await_leader``)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cache = TieredCache(namespace=namespace, lease_ttl=0.2)
+    pool = ThreadPoolExecutor(1)
+    depth = [0]
+
+    @tiered_batch(cache, name="pooled-batch")
+    def load(items: list[int]) -> list[int]:
+        depth[0] += 1
+        if depth[0] == 1:
+            return [10 * v for v in pool.submit(load, items).result()]
+        return list(items)
+
+    try:
+        assert finishes(lambda: load([1, 2])) == [10, 20]
+    finally:
+        pool.shutdown(wait=False)
+        cache.close()
+
+
+def test_waiters_of_a_load_slower_than_lease_ttl_take_it_over_one_at_a_time(namespace: str) -> None:
+    """The bound on a join is not a stampede: past lease_ttl the first waiter leads a new load
+    and the others join it, so a slow function runs about once per lease_ttl, not once per
+    waiter (8 here)."""
+    cache = TieredCache(namespace=namespace, lease_ttl=0.2)
+    gate = threading.Event()
+    calls: list[int] = []
+
+    @tiered(cache, name="slow")
+    def slow(x: int) -> int:
+        calls.append(x)
+        assert gate.wait(BOUND)
+        return x
+
+    threads = [threading.Thread(target=slow, args=(1,)) for _ in range(8)]
+    try:
+        for t in threads:
+            t.start()
+        eventually(lambda: len(calls) >= 2, "a waiter taking the slow load over")
+        # The drivers' waits run on real time: 2.5 bounds more, at most one takeover each
+        # (before the fix every waiter computed as soon as its bound passed: 8 calls).
+        time.sleep(0.5)
+        assert len(calls) <= 5, f"{len(calls)} calls for 8 callers"
+        gate.set()
+        for t in threads:
+            t.join(BOUND)
+    finally:
+        gate.set()
+        cache.close()
