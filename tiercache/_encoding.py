@@ -80,10 +80,6 @@ _TYPE_MODULE = type.__dict__["__module__"].__get__
 _TYPE_QUALNAME = type.__dict__["__qualname__"].__get__
 
 
-def _qualified_name(obj: Any) -> str:
-    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
-
-
 def _encode(obj: Any, out: bytearray, depth: int) -> None:  # noqa: C901, PLR0912 - the L1-miss hot path: a branch per common type, exact checks first
     t = type(obj)
     # Exact-type checks first: the common cases, and bool before int (bool is an int).

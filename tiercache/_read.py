@@ -51,7 +51,7 @@ def read_through(core: Core, key: str, policy: Policy, load: bool) -> Flow[Any]:
             if now < entry[STALE_UNTIL] and type(value) is not CachedError:
                 stale = value
     if key in LOADING.get():  # called from the loader of this very key
-        return (yield from _solo(core, key, policy, load))
+        return (yield from _solo(core, key, policy, load, stale))
     started = core.clock()  # timeouts count from the call, across retries
     while True:
         flight, leader = core.flights.lead_or_join(key)
@@ -64,18 +64,21 @@ def read_through(core: Core, key: str, policy: Policy, load: bool) -> Flow[Any]:
             yield Spawn(_lead(core, flight, key, policy, load), flight)
         value = yield from _join(core, flight, policy, flight.stale if stale is MISSING else stale, load, started)
         if value is SOLO:
-            return (yield from _solo(core, key, policy, load))
+            return (yield from _solo(core, key, policy, load, stale))
         if value is not RETRY:
             return value
 
 
-def _solo(core: Core, key: str, policy: Policy, load: bool) -> Flow[Any]:
+def _solo(core: Core, key: str, policy: Policy, load: bool, stale: Any) -> Flow[Any]:
     """Load ``key`` for a caller that must not wait for the load in flight, because that
     load waits for it: the caller is inside that load's function (re-entrancy), or is a
     sync call blocking the event loop that runs it. It reads Redis (taking the lease if
     the key is empty, never waiting for another's) and computes if it must, outside the
-    in-flight table: through a watch, so an invalidation meanwhile keeps it out of L1."""
+    in-flight table: through a watch, so an invalidation meanwhile keeps it out of L1. A
+    stale copy is served if the function fails, as for any load; the timeouts do not apply
+    (the caller could not wait for a detached load anyway)."""
     watches = core.flights.watch([key])
+    watches[0].stale = stale
     try:
         return (yield from _lead(core, watches[0], key, policy, load))
     finally:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import FakeRedisCaches, Mode, eventually
+from tests.support import Clock, FakeRedisCaches, Mode, eventually
 from tiercache import TieredCache, tiered, tiered_batch
 from tiercache._remote import LEASE_PREFIX
 
@@ -432,4 +432,28 @@ def test_waiters_of_a_load_slower_than_lease_ttl_take_it_over_one_at_a_time(name
             t.join(BOUND)
     finally:
         gate.set()
+        cache.close()
+
+
+def test_a_solo_load_serves_the_stale_copy_when_its_function_fails(namespace: str) -> None:
+    """A call that must load on its own (here: re-entrant) keeps the fail-safe of any load:
+    within ``stale_ttl`` the last value answers when the function raises."""
+    clock = Clock(frozen=True)
+    cache = TieredCache(namespace=namespace, clock=clock)
+    depth = [0]
+
+    @tiered(cache, name="solo-stale", ttl=10, l1_ttl=10, stale_ttl=60)
+    def price(x: int) -> int:
+        depth[0] += 1
+        if depth[0] == 1:
+            return 1
+        if depth[0] == 2:
+            return price(x) + 100  # re-enters its own key: the inner call loads solo...
+        raise RuntimeError("the database is down")  # ...and its function fails
+
+    try:
+        assert price(1) == 1
+        clock.advance(11)  # expired, within stale_ttl
+        assert finishes(lambda: price(1)) == 101  # the inner call answered with the stale 1
+    finally:
         cache.close()
