@@ -18,12 +18,14 @@ Usage: python benchmarks/bench_coherence.py [--quick] [--rate 1000] [--seconds 3
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import os
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import harness
@@ -35,9 +37,7 @@ from tiercache import TieredCache, tiered
 # -- processes -----------------------------------------------------------------------------
 
 
-def reader(
-    url: str, namespace: str, busy: bool, stop: Any, ready: Any, results: Any, switch: float | None = None
-) -> None:
+def reader(url: str, namespace: str, busy: bool, switch: float | None, stop: Any, ready: Any, results: Any) -> None:
     """Records when each invalidation message was applied by this process's subscriber, until
     ``stop`` is set (after the writer's last message: a fixed window would end early for a
     reader that started before the others on a loaded machine, and count messages as lost)."""
@@ -79,43 +79,65 @@ def reader(
     cache.close()
 
 
-def run_latency(
-    url: str, rate: int, seconds: float, busy: bool, readers: int = 3, switch: float | None = None
-) -> dict[str, Any]:
-    namespace = f"lat{os.getpid()}{int(busy)}"
+@contextlib.contextmanager
+def processes(target: Any, n: int, *args: Any) -> Iterator[tuple[Any, Any]]:
+    """``n`` spawned processes running ``target(*args, stop, ready, results)``; yields
+    ``(stop, results)`` once each has put on ``ready``. On the way out ``stop`` is set and they
+    are joined (terminated past 30 s), also when the caller failed: never left behind."""
     ctx = mp.get_context("spawn")
     ready, results, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
-    procs = [
-        ctx.Process(target=reader, args=(url, namespace, busy, stop, ready, results, switch)) for _ in range(readers)
-    ]
+    procs = [ctx.Process(target=target, args=(*args, stop, ready, results)) for _ in range(n)]
     for p in procs:
         p.start()
-    for _ in procs:
-        ready.get(timeout=30)
+    try:
+        for _ in procs:
+            ready.get(timeout=30)
+        yield stop, results
+    finally:
+        stop.set()
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.terminate()
+
+
+def _timed_writes(
+    url: str, namespace: str, rate: int, seconds: float, stop: Any, results: Any, readers: int
+) -> tuple[dict[int, float], list[Any]]:
+    """Invalidate at ``rate`` for ``seconds``: when each message was sent (by sequence number),
+    and the readers' records, taken once the last messages had a second to land."""
     writer = TieredCache(url, namespace=namespace)
     writer.ready(10)
     sent: dict[int, float] = {}
     interval = 1.0 / rate
     next_at = time.monotonic()
     end = next_at + seconds
-    while next_at < end:
-        now = time.monotonic()
-        if now < next_at:
-            time.sleep(max(0.0, next_at - now - 0.0002))
-            while time.monotonic() < next_at:
-                pass
-        started = time.monotonic()
-        seq = writer.invalidate(f"tc:{namespace}:v1:k:{{x}}").seq
-        if seq is not None:
-            sent[seq] = started
-        next_at += interval
+    try:
+        while next_at < end:
+            now = time.monotonic()
+            if now < next_at:
+                time.sleep(max(0.0, next_at - now - 0.0002))
+                while time.monotonic() < next_at:
+                    pass
+            started = time.monotonic()
+            seq = writer.invalidate(f"tc:{namespace}:v1:k:{{x}}").seq
+            if seq is not None:
+                sent[seq] = started
+            next_at += interval
+        time.sleep(1.0)  # the last messages land
+        stop.set()
+        return sent, [results.get(timeout=60) for _ in range(readers)]
+    finally:
+        writer.close()
+
+
+def run_latency(
+    url: str, rate: int, seconds: float, busy: bool, readers: int = 3, switch: float | None = None
+) -> dict[str, Any]:
+    namespace = f"lat{os.getpid()}{int(busy)}"
+    with processes(reader, readers, url, namespace, busy, switch) as (stop, results):
+        sent, outs = _timed_writes(url, namespace, rate, seconds, stop, results, readers)
     achieved = len(sent) / seconds
-    time.sleep(1.0)  # the last messages land
-    stop.set()
-    outs = [results.get(timeout=60) for _ in procs]
-    for p in procs:
-        p.join(30)
-    writer.close()
     latencies = [(t - sent[seq]) * 1e3 for out in outs for seq, t in out["applied"].items() if seq in sent]
     missing = sum(1 for out in outs for seq in sent if seq not in out["applied"])
     return {
@@ -133,7 +155,10 @@ def run_latency(
     }
 
 
-def stale_reader(url: str, truth_port: int, namespace: str, seconds: float, ready: Any, results: Any) -> None:
+def stale_reader(
+    url: str, truth_port: int, namespace: str, seconds: float, stop: Any, ready: Any, results: Any
+) -> None:
+    """Reads for ``seconds`` (``stop`` is for the readers of ``processes`` that run until told)."""
     truth = redis.Redis(port=truth_port)
     cache = TieredCache(url, namespace=namespace)
 
@@ -153,18 +178,11 @@ def stale_reader(url: str, truth_port: int, namespace: str, seconds: float, read
     cache.close()
 
 
-def run_stale(server: harness.RedisServer, seconds: float, readers: int = 3) -> dict[str, Any]:
-    namespace = f"stale{os.getpid()}"
-    ctx = mp.get_context("spawn")
-    ready, results = ctx.Queue(), ctx.Queue()
-    procs = [
-        ctx.Process(target=stale_reader, args=(server.url, server.port, namespace, seconds, ready, results))
-        for _ in range(readers)
-    ]
-    for p in procs:
-        p.start()
-    for _ in procs:
-        ready.get(timeout=30)
+def _bump_and_invalidate(
+    server: harness.RedisServer, namespace: str, seconds: float, results: Any, readers: int
+) -> tuple[dict[int, float], list[Any]]:
+    """Bump the truth counter and invalidate, about every 2 ms for ``seconds``: when each
+    version's invalidation returned, and the readers' records."""
     truth = redis.Redis(port=server.port)
     writer = TieredCache(server.url, namespace=namespace)
     writer.ready(10)
@@ -176,15 +194,22 @@ def run_stale(server: harness.RedisServer, seconds: float, readers: int = 3) -> 
     key = read.key(0)
     returned: dict[int, float] = {}
     end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        version = int(truth.incr(f"truth:{namespace}"))
-        writer.invalidate(key)
-        returned[version] = time.monotonic()
-        time.sleep(0.002)
-    outs = [results.get(timeout=60) for _ in procs]
-    for p in procs:
-        p.join(30)
-    writer.close()
+    try:
+        while time.monotonic() < end:
+            version = int(truth.incr(f"truth:{namespace}"))
+            writer.invalidate(key)
+            returned[version] = time.monotonic()
+            time.sleep(0.002)
+        return returned, [results.get(timeout=60) for _ in range(readers)]
+    finally:
+        writer.close()
+        truth.close()
+
+
+def run_stale(server: harness.RedisServer, seconds: float, readers: int = 3) -> dict[str, Any]:
+    namespace = f"stale{os.getpid()}"
+    with processes(stale_reader, readers, server.url, server.port, namespace, seconds) as (_, results):
+        returned, outs = _bump_and_invalidate(server, namespace, seconds, results, readers)
     lateness = []
     for out in outs:
         for value, start in out["last_start"].items():
@@ -232,29 +257,20 @@ def run_wait_busy(url: str, n: int, readers: int = 2, timeout: float = 0.2) -> d
     function, so their callers poll the subscriber socket): each write waits for every
     reader's acknowledgement, at most ``timeout``."""
     namespace = f"waitbusy{os.getpid()}"
-    ctx = mp.get_context("spawn")
-    ready, results, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
-    procs = [ctx.Process(target=reader, args=(url, namespace, True, stop, ready, results)) for _ in range(readers)]
-    for p in procs:
-        p.start()
-    for _ in procs:
-        ready.get(timeout=30)
-    writer = TieredCache(url, namespace=namespace)
-    writer.ready(10)
     waited = []
     complete = 0
-    for i in range(n):
-        t = time.perf_counter()
-        result = writer.invalidate(f"tc:{namespace}:v1:k:{{w{i % 50}}}", wait=True, timeout=timeout)
-        waited.append((time.perf_counter() - t) * 1e3)
-        complete += result.complete
-        time.sleep(0.01)
-    writer.close()
-    stop.set()
-    for _ in procs:
-        results.get(timeout=60)
-    for p in procs:
-        p.join(30)
+    with processes(reader, readers, url, namespace, True, None):
+        writer = TieredCache(url, namespace=namespace)
+        try:
+            writer.ready(10)
+            for i in range(n):
+                t = time.perf_counter()
+                result = writer.invalidate(f"tc:{namespace}:v1:k:{{w{i % 50}}}", wait=True, timeout=timeout)
+                waited.append((time.perf_counter() - t) * 1e3)
+                complete += result.complete
+                time.sleep(0.01)
+        finally:
+            writer.close()
     return {
         "busy_readers": readers,
         "timeout_s": timeout,
