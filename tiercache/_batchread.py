@@ -33,6 +33,7 @@ def read_batch(
     pending = _from_l1(core, keys, range(len(keys)), results)
     core.counters.l1_hits += len(results)
     first = True
+    outwaited: set[int] = set()  # items whose wait passed lease_ttl once (see Core.await_leader)
     while pending:
         if not first:  # a retry: the value may have landed in L1 meanwhile
             pending = _from_l1(core, keys, pending, results)
@@ -49,23 +50,31 @@ def read_batch(
                 (led if leader else joined).append((i, flight))
         if led:
             results.update((yield from _lead(core, keys, items, led, policy, name)))
-        pending = yield from _join(core, keys, joined, results, alone)
+        pending = yield from _join(core, keys, joined, results, alone, outwaited)
         if alone:
             results.update((yield from _load(core, [keys[i] for i in alone], [items[i] for i in alone], policy, name)))
     return results
 
 
 def _join(
-    core: Core, keys: Sequence[str], joined: list[tuple[int, Flight]], results: dict[str, Any], alone: list[int]
+    core: Core,
+    keys: Sequence[str],
+    joined: list[tuple[int, Flight]],
+    results: dict[str, Any],
+    alone: list[int],
+    outwaited: set[int],
 ) -> Flow[list[int]]:
     """Wait for the loads other calls lead, putting their values into ``results``; items this
     caller may not wait for go to ``alone``; returns the items to go round again (their load
     failed, was cancelled, or outlasted ``lease_ttl``)."""
     again = []
     for i, flight in joined:
-        if not (yield from core.await_leader(flight)):  # see _sync.wait
+        if not (yield from core.await_leader(flight, i not in outwaited)):  # see _sync.wait
             alone.append(i)
-        elif flight.done and flight.error is None and not flight.abandoned and flight.value is not MISSING:
+        elif not flight.done:
+            outwaited.add(i)
+            again.append(i)
+        elif flight.error is None and not flight.abandoned and flight.value is not MISSING:
             results[keys[i]] = flight.value
         else:
             again.append(i)

@@ -199,17 +199,19 @@ class Core:
         """Give the leases ``marker`` holds on ``keys`` back (announced to waiters), quietly."""
         return (yield from self.quietly(_remote.release_many(keys, marker, self.channel, self.node_id)))
 
-    def await_leader(self, flight: Flight) -> Flow[bool]:
+    def await_leader(self, flight: Flight, bounded: bool = True) -> Flow[bool]:
         """Wait for another caller's load of ``flight.key`` (single-key or batch), at most
         ``lease_ttl``, like a wait for another process's lease: a leader slower than that
         stores nothing in Redis anyway, and one that waits for this very caller (its function
         calls its own key through a thread that does not carry its context) would never end.
         Past the bound a load still running is taken off the table, so the first waiter to
-        retry leads a new one and the others join it (one extra call per ``lease_ttl``, not
-        one per waiter). False when the caller may not wait at all (see ``_sync.wait``)."""
+        retry leads a new one and the others join it; a caller's waits are bounded only once
+        (``bounded``), so that new load is waited for to its end: one extra call at most, not
+        one per waiter or per ``lease_ttl``. False when the caller may not wait at all (see
+        ``_sync.wait``)."""
         if flight.done:
             return True
-        if (yield Wait(flight, self.lease_ms / 1000.0)) is False:
+        if (yield Wait(flight, self.lease_ms / 1000.0 if bounded else None)) is False:
             return False
         if not flight.done:
             self.flights.release(flight)

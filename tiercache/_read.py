@@ -53,6 +53,7 @@ def read_through(core: Core, key: str, policy: Policy, load: bool) -> Flow[Any]:
     if key in LOADING.get():  # called from the loader of this very key
         return (yield from _solo(core, key, policy, load, stale))
     started = core.clock()  # timeouts count from the call, across retries
+    bounded = True  # a caller outwaits lease_ttl once (see Core.await_leader)
     while True:
         flight, leader = core.flights.lead_or_join(key)
         if leader:
@@ -62,7 +63,10 @@ def read_through(core: Core, key: str, policy: Policy, load: bool) -> Flow[Any]:
             # With timeouts the load runs detached and this caller waits like any other,
             # so it can stop waiting (and take the stale value) while the load goes on.
             yield Spawn(_lead(core, flight, key, policy, load), flight)
-        value = yield from _join(core, flight, policy, flight.stale if stale is MISSING else stale, load, started)
+        value = yield from _join(
+            core, flight, policy, flight.stale if stale is MISSING else stale, load, started, bounded
+        )
+        bounded = bounded and flight.done
         if value is SOLO:
             return (yield from _solo(core, key, policy, load, stale))
         if value is not RETRY:
@@ -122,7 +126,7 @@ def _lead(core: Core, flight: Flight, key: str, policy: Policy, load: bool) -> F
 
 
 def _join(  # noqa: C901, PLR0911 - the join hot path: one exit per way a wait ends
-    core: Core, flight: Flight, policy: Policy, stale: Any, load: bool, started: float
+    core: Core, flight: Flight, policy: Policy, stale: Any, load: bool, started: float, bounded: bool = True
 ) -> Flow[Any]:
     """Wait for another caller's load of the key; RETRY when it ended without an answer,
     SOLO when this caller may not wait for it (a sync driver refuses a wait that would never
@@ -139,7 +143,7 @@ def _join(  # noqa: C901, PLR0911 - the join hot path: one exit per way a wait e
             return SOLO
         if not flight.done:
             return (yield from _time_out(core, flight, policy, stale, hard))
-    elif not (yield from core.await_leader(flight)):
+    elif not (yield from core.await_leader(flight, bounded)):
         return SOLO
     if not flight.done:  # past lease_ttl: this caller retries, leading a new load or joining one
         return RETRY
